@@ -1,0 +1,27 @@
+"""onnx-normfix: repair and optimize exported ONNX files, validated by onnxruntime.
+
+    import onnx_normfix
+    result = onnx_normfix.optimize("model.onnx", passes=["fix_inorm", "fold_bn"], stats="G.ckpt")
+    result.save("fixed.onnx")
+
+torch is imported only when a PyTorch checkpoint is read; onnxruntime only when validating.
+"""
+
+from .errors import NormfixError, ValidationError
+from .registry import PASSES, InputBinding, Pass, PassContext, PassResult, register_pass
+from . import passes as _builtin_passes  # noqa: F401  (registers fold_bn, fix_inorm, replace_random)
+from .pipeline import Result, optimize
+
+__all__ = [
+    "optimize",
+    "Result",
+    "PASSES",
+    "Pass",
+    "PassResult",
+    "PassContext",
+    "InputBinding",
+    "register_pass",
+    "NormfixError",
+    "ValidationError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,323 @@
+"""A linear-time index over an ONNX graph, shared by every pass.
+
+Passes work on the `onnx.ModelProto` itself (no copy into another IR: on a 100k-node graph
+that copy alone costs more than the whole pass). `GraphIndex` is built once per pass in one
+sweep; it answers "who produces / who consumes this tensor", resolves constants (initializers,
+Constant nodes and small constant subgraphs), hands out unique names, and applies node
+removals in bulk, followed by one dead-code sweep.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# Ops whose output is a pure function of constant inputs and small enough to evaluate while
+# resolving a parameter (ConstantOfShape of a constant shape, a Cast of a weight, ...).
+FOLDABLE_OPS = frozenset(
+    """Identity Cast CastLike Reshape Unsqueeze Squeeze Flatten Transpose Concat Slice Gather
+    ConstantOfShape Expand Tile Shape Size Add Sub Mul Div Neg Sqrt Reciprocal Pow Abs Exp Log
+    Range Split Where Max Min Clip""".split()
+)
+RANDOM_OPS = frozenset(
+    "RandomNormal RandomNormalLike RandomUniform RandomUniformLike Bernoulli Multinomial".split()
+)
+# Constant evaluation never produces tensors larger than this many elements.
+MAX_FOLD_ELEMENTS = 1 << 24
+STAMP = "onnx_normfix:"
+
+
+def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names that the If/Loop/Scan bodies of `node` read."""
+    names: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            for inner in g.node:
+                names.update(i for i in inner.input if i)
+                names |= subgraph_inputs(inner)
+    return names
+
+
+def array_of(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndarray:
+    return numpy_helper.to_array(tensor, base_dir or "")
+
+
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a `Constant` node, whichever attribute holds it."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None  # sparse_value / value_string(s): not numeric parameters
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
+    for op in model.opset_import:
+        if op.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return op.version
+    return 0
+
+
+class GraphIndex:
+    """Producer/consumer maps and constant resolution for `model.graph` (main graph only)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in self.graph.initializer}
+        self.graph_outputs = {o.name for o in self.graph.output}
+        # IR < 4 lists initializers as graph inputs too; those are constants, not feeds.
+        self.graph_inputs = {i.name for i in self.graph.input if i.name not in self.initializers}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self.used_names: set[str] = set(self.initializers) | {i.name for i in self.graph.input}
+        for node in self.graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+                    self.used_names.add(out)
+            for inp in node.input:
+                if inp:
+                    self.consumers[inp].append(node)
+            for inp in subgraph_inputs(node):
+                self.consumers[inp].append(node)
+            if node.name:
+                self.used_names.add(node.name)
+        self._const_cache: dict[str, np.ndarray | None] = {}
+        self._removed: set[int] = set()
+        self._value_types: dict[str, onnx.TypeProto] | None = None
+
+    # ---- queries -----------------------------------------------------------------------
+    def only_consumer(self, name: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(name, [])
+        if len(users) == 1 and name not in self.graph_outputs:
+            return users[0]
+        return None
+
+    def constant(self, name: str, depth: int = 8) -> np.ndarray | None:
+        """The value of tensor `name` if it is a compile-time constant, else None."""
+        if not name:
+            return None
+        if name in self._const_cache:
+            return self._const_cache[name]
+        value = None
+        if name in self.initializers and name not in self.graph_inputs:
+            value = array_of(self.initializers[name], self._base_dir())
+        elif name in self.producer and depth > 0:
+            node = self.producer[name]
+            if node.domain in ("", "ai.onnx"):
+                if node.op_type == "Constant":
+                    value = constant_node_value(node)
+                elif node.op_type in FOLDABLE_OPS:
+                    value = self._evaluate(node, name, depth)
+        self._const_cache[name] = value
+        return value
+
+    def _base_dir(self) -> str:
+        return getattr(self.model, "_normfix_base_dir", "") or ""
+
+    def _evaluate(self, node: onnx.NodeProto, name: str, depth: int) -> np.ndarray | None:
+        inputs = []
+        for inp in node.input:
+            if not inp:
+                inputs.append(None)
+                continue
+            v = self.constant(inp, depth - 1)
+            if v is None:
+                return None
+            inputs.append(v)
+        if not _small_enough(node, inputs):
+            return None
+        from onnx.reference import ReferenceEvaluator
+
+        feeds = {f"i{k}": v for k, v in enumerate(inputs) if v is not None}
+        tiny = onnx.helper.make_node(
+            node.op_type,
+            [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)],
+            [f"o{k}" for k in range(len(node.output))],
+            domain=node.domain,
+        )
+        tiny.attribute.extend(node.attribute)
+        try:
+            graph = onnx.helper.make_graph(
+                [tiny],
+                "fold",
+                [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in feeds.items()],
+                [onnx.helper.make_empty_tensor_value_info(o) for o in tiny.output],
+            )
+            m = onnx.helper.make_model(graph, opset_imports=list(self.model.opset_import))
+            m.ir_version = max(self.model.ir_version, 7)
+            results = ReferenceEvaluator(m).run(None, feeds)
+        except Exception:  # an op the reference cannot evaluate: simply not a known constant
+            return None
+        for out, value in zip(node.output, results):
+            if out:
+                self._const_cache[out] = np.asarray(value)
+        return self._const_cache.get(name)
+
+    def value_type(self, name: str) -> onnx.TypeProto | None:
+        """Type (with shape where known) of a tensor, from value_info or shape inference."""
+        if self._value_types is None:
+            types: dict[str, onnx.TypeProto] = {}
+            try:
+                inferred = onnx.shape_inference.infer_shapes(_without_weights(self.model))
+                vis = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+            except Exception:
+                vis = list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)
+            for vi in vis:
+                types[vi.name] = vi.type
+            for name_, t in self.initializers.items():
+                types.setdefault(name_, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
+            self._value_types = types
+        return self._value_types.get(name)
+
+    def rank(self, name: str) -> int | None:
+        t = self.value_type(name)
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            return None
+        return len(t.tensor_type.shape.dim)
+
+    # ---- edits -------------------------------------------------------------------------
+    def unique_name(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used_names:
+            k += 1
+            name = f"{base}_{k}"
+        self.used_names.add(name)
+        return name
+
+    def add_initializer(self, value: np.ndarray | onnx.TensorProto, base: str) -> str:
+        name = self.unique_name(base)
+        tensor = value if isinstance(value, onnx.TensorProto) else numpy_helper.from_array(value)
+        tensor.name = name
+        self.graph.initializer.append(tensor)
+        self.initializers[name] = self.graph.initializer[-1]
+        if self.model.ir_version < 4:  # IR 3 requires every initializer to be an input too
+            self.graph.input.append(
+                onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims))
+            )
+        self._const_cache.pop(name, None)
+        return name
+
+    def uses_elsewhere(self, name: str, node: onnx.NodeProto) -> bool:
+        """True if tensor `name` is read by anything besides `node` (or is a graph output)."""
+        return name in self.graph_outputs or any(c is not node for c in self.consumers.get(name, []))
+
+    def remove(self, node: onnx.NodeProto) -> None:
+        self._removed.add(id(node))
+
+    def commit(self) -> int:
+        """Drop removed nodes, then every node, initializer and value_info left unused.
+
+        Returns the number of nodes dropped. One backward sweep: linear in graph size.
+        """
+        g = self.graph
+        before = len(g.node)
+        kept = [n for n in g.node if id(n) not in self._removed]
+        live = set(self.graph_outputs)
+        alive_nodes = []
+        for node in reversed(kept):
+            if any(o in live for o in node.output if o) or _has_effects(node):
+                alive_nodes.append(node)
+                live.update(i for i in node.input if i)
+                live |= subgraph_inputs(node)
+        alive_nodes.reverse()
+        if len(alive_nodes) != len(g.node):
+            del g.node[:]
+            g.node.extend(alive_nodes)
+        dead_inits = [t.name for t in g.initializer if t.name not in live]
+        if dead_inits:
+            dead = set(dead_inits)
+            keep_inits = [t for t in g.initializer if t.name not in dead]
+            del g.initializer[:]
+            g.initializer.extend(keep_inits)
+            # IR 3 initializer-inputs go with their initializer; real inputs always stay.
+            keep_inputs = [i for i in g.input if i.name not in dead or i.name in self.graph_inputs]
+            if len(keep_inputs) != len(g.input):
+                del g.input[:]
+                g.input.extend(keep_inputs)
+        produced = {o for n in g.node for o in n.output}
+        keep_vi = [vi for vi in g.value_info if vi.name in produced or vi.name in live]
+        if len(keep_vi) != len(g.value_info):
+            del g.value_info[:]
+            g.value_info.extend(keep_vi)
+        self._removed.clear()
+        return before - len(g.node)
+
+
+def _has_effects(node: onnx.NodeProto) -> bool:
+    # Nodes of unknown domains may have side effects we cannot see; keep them.
+    return node.domain not in ("", "ai.onnx", "ai.onnx.ml")
+
+
+def _small_enough(node: onnx.NodeProto, inputs: list) -> bool:
+    sizes = [v.size for v in inputs if v is not None]
+    if any(s > MAX_FOLD_ELEMENTS for s in sizes):
+        return False
+    if node.op_type in ("ConstantOfShape", "Expand", "Tile", "Range"):
+        try:
+            if node.op_type == "ConstantOfShape":
+                n = int(np.prod(inputs[0])) if inputs[0].size else 1
+            elif node.op_type == "Expand":
+                n = int(np.prod(np.broadcast_shapes(inputs[0].shape, tuple(int(d) for d in inputs[1]))))
+            elif node.op_type == "Tile":
+                n = int(inputs[0].size * np.prod(inputs[1]))
+            else:
+                n = int(np.ceil((float(inputs[1]) - float(inputs[0])) / float(inputs[2])))
+        except Exception:
+            return False
+        return 0 <= n <= MAX_FOLD_ELEMENTS
+    return True
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for shape inference: large initializers become typed inputs with no data."""
+    light = onnx.ModelProto()
+    light.ir_version = max(model.ir_version, 4)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g, lg = model.graph, light.graph
+    lg.node.extend(g.node)
+    lg.output.extend(g.output)
+    lg.value_info.extend(g.value_info)
+    init_names = set()
+    for t in g.initializer:
+        init_names.add(t.name)
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) > 1024:
+            lg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            lg.initializer.append(t)
+    lg.input.extend(i for i in g.input if i.name not in init_names)
+    return light
+
+
+def stamp(node: onnx.NodeProto, pass_name: str) -> onnx.NodeProto:
+    """Mark a node as made by a pass, so a reader of the output sees where it came from."""
+    node.doc_string = f"{STAMP}{pass_name}"
+    return node

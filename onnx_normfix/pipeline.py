@@ -1,0 +1,273 @@
+"""The pipeline: load once, run the passes in order, validate after each, save once.
+
+    optimize(model, passes=["fix_inorm", "fold_bn"], validate=True, **options) -> Result
+
+Passes run in their registered order (replace_random, fix_inorm, fold_bn, then user passes),
+whatever order they are named in, so BatchNormalizations made by fix_inorm are still folded.
+After each pass that rewrote something: `onnx.checker` (full check, unless the input itself
+fails strict shape inference), then onnxruntime on the same seeded feeds as the previous
+stage. A pass that preserves outputs must agree within tolerance, else `ValidationError`;
+a pass that changes outputs on purpose is reported as `changed`, with the size of the change.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from . import model_io, validate as V
+from .errors import NormfixError, ValidationError
+from .registry import PASSES, Pass, PassContext, PassResult, resolve_passes
+
+CORE_OPTIONS = {"seed": 0, "rtol": None, "atol": None, "input_shapes": None, "inputs": None,
+                "reference": None, "progress": None}
+
+
+@dataclass
+class Result:
+    model: onnx.ModelProto
+    report: dict = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model atomically (external data beside it if over 2 GB)."""
+        model_io.save_model(self.model, path)
+        self.report["output"] = str(path)
+
+
+def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), validate: bool = True,
+             **options: Any) -> Result:
+    """Run `passes` on `model` (a path or an `onnx.ModelProto`, never modified) and return a
+    `Result`. Options: seed, rtol, atol, input_shapes ({input or dim name: shape/size}),
+    inputs ({name: array} or .npz path), reference ({output: array}, .npz path, or a callable
+    feeds -> outputs), progress (callable taking a message), plus each pass's own options
+    (see `PASSES[name].options`). Raises NormfixError / ValidationError."""
+    selected = resolve_passes(passes)
+    opts = _merge_options(selected, options)
+    say: Callable[[str], None] = opts["progress"] or (lambda message: None)
+
+    t0 = time.perf_counter()
+    if isinstance(model, onnx.ModelProto):
+        source = "<ModelProto>"
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+    else:
+        source = str(model)
+        say(f"loading {source}")
+        work = model_io.load_model(model)
+    full_check, check_note = _check_input(work)
+    report: dict = {"input": source, "output": None, "nodes_before": len(work.graph.node),
+                    "nodes_after": None, "passes": [], "load_seconds": round(time.perf_counter() - t0, 3)}
+    if check_note:
+        report["notes"] = [check_note]
+
+    inputs = _load_arrays(opts["inputs"], "--inputs")
+    stage = _Stages(work, V.Options(seed=opts["seed"], rtol=opts["rtol"], atol=opts["atol"],
+                                    shapes=opts["input_shapes"], inputs=inputs)) if validate else None
+    for k, p in enumerate(selected, 1):
+        say(f"[{k}/{len(selected)}] {p.name}: running on {len(work.graph.node)} nodes")
+        t = time.perf_counter()
+        pass_opts = {name: opts[name] for name in p.options}
+        pass_opts["seed"] = opts["seed"]
+        if p.prepare is not None:
+            pass_opts = p.prepare(work, pass_opts)
+        before = None if stage is None else stage.snapshot(work)
+        nodes_before = len(work.graph.node)
+        result = p.run(work, PassContext(options=pass_opts, log=say))
+        if not isinstance(result, PassResult):
+            raise NormfixError(f"pass {p.name} returned {type(result).__name__}, not a PassResult")
+        entry = {"name": p.name, "rewrites": result.rewrites, "notes": list(result.notes),
+                 "nodes_before": nodes_before, "nodes_after": len(work.graph.node),
+                 "seconds": round(time.perf_counter() - t, 3)}
+        if result.details:
+            entry["details"] = result.details
+        if stage is None:
+            entry["validation"] = {"status": "skipped", "reason": "validation disabled (--no-validate)"}
+        else:
+            tv = time.perf_counter()
+            entry["validation"] = stage.check(p, result, before, work, full_check)
+            entry["validation"]["seconds"] = round(time.perf_counter() - tv, 3)
+        report["passes"].append(entry)
+        say(_stage_line(entry))
+
+    report["nodes_after"] = len(work.graph.node)
+    if opts["reference"] is not None:
+        report["reference"] = _check_reference(work, opts, inputs)
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return Result(model=work, report=report)
+
+
+def _merge_options(selected: list[Pass], options: dict) -> dict:
+    known = dict(CORE_OPTIONS)
+    owners: dict[str, str] = {}
+    for p in PASSES.values():
+        for name in p.options:
+            owners.setdefault(name, p.name)
+    for p in selected:
+        known.update(p.options)
+    merged = dict(known)
+    for name, value in options.items():
+        if name not in known:
+            if name in owners:
+                raise NormfixError(f"option {name!r} belongs to pass {owners[name]!r}, which was not requested")
+            raise NormfixError(f"unknown option {name!r}; known: {', '.join(sorted(known))}")
+        merged[name] = value
+    return merged
+
+
+def _check_input(model: onnx.ModelProto) -> tuple[bool, str | None]:
+    """The input must pass onnx.checker; strict shape inference is used later only if it
+    passes that too (an exporter's harmless shape quirk must not block a fold)."""
+    if model_io.needs_external_data(model):
+        return False, "model over 2 GB: onnx.checker skipped (it cannot check such a model in memory)"
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise NormfixError(f"invalid ONNX model: {V._first_line(exc)}") from None
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        return False, f"input fails strict shape inference, later stages checked without it: {V._first_line(exc)}"
+    return True, None
+
+
+def _load_arrays(value, what: str):
+    if value is None or isinstance(value, dict):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise NormfixError(f"{what}: file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise NormfixError(f"{what}: cannot read {path} as .npz: {V._first_line(exc)}") from None
+
+
+def _check_reference(model: onnx.ModelProto, opts: dict, inputs) -> dict:
+    ref = opts["reference"]
+    feeds = V.make_feeds(model, opts["seed"], opts["input_shapes"], inputs)
+    if callable(ref):
+        expected = {k: np.asarray(v) for k, v in ref(feeds).items()}
+    else:
+        if inputs is None:
+            raise NormfixError("a reference needs the inputs it was computed from (--inputs)")
+        expected = _load_arrays(ref, "--reference")
+    try:
+        got = V.run_model(model, feeds)
+    except V.RuntimeUnavailable as exc:
+        raise NormfixError(f"cannot compare with the reference: onnxruntime cannot run the model ({exc})") from None
+    missing = set(expected) - set(got)
+    if missing:
+        raise NormfixError(f"reference names outputs the model does not have: {', '.join(sorted(missing))}")
+    cmp = V.compare(expected, {k: got[k] for k in expected}, opts["rtol"], opts["atol"])
+    status = "passed" if cmp["ok"] else "failed"
+    figures = {"status": status, "max_abs_diff": cmp["max_abs_diff"], "max_rel_diff": cmp["max_rel_diff"],
+               "outputs": cmp["outputs"]}
+    if not cmp["ok"]:
+        bad = next(n for n, e in cmp["outputs"].items() if not e["ok"])
+        raise ValidationError(f"output {bad!r} differs from the reference: {cmp['outputs'][bad].get('reason')}",
+                              stage="reference", details=figures)
+    return figures
+
+
+def _stage_line(entry: dict) -> str:
+    v = entry["validation"]
+    figure = ""
+    if v.get("max_abs_diff") is not None and v["status"] in ("passed", "changed"):
+        figure = f", max abs diff {v['max_abs_diff']:.3g}"
+    return (f"  {entry['name']}: {entry['rewrites']} rewrites, nodes {entry['nodes_before']} -> "
+            f"{entry['nodes_after']}, validation {v['status']}{figure}, {entry['seconds']:.2f} s")
+
+
+class _Stages:
+    """Carries the previous stage's model and outputs from one pass to the next, so each
+    stage costs one onnxruntime session (two only where random draws must be captured)."""
+
+    def __init__(self, model: onnx.ModelProto, options: V.Options):
+        self.options = options
+        self.feeds = V.make_feeds(model, options.seed, options.shapes, options.inputs)
+        self.outputs: dict | None = None  # outputs of the current model on self.feeds
+
+    def snapshot(self, model: onnx.ModelProto) -> onnx.ModelProto | None:
+        # Only a model with random ops must be re-run (its outputs are draws, not values);
+        # otherwise the cached outputs are all that is needed of the previous stage.
+        if self.outputs is not None and not V.random_outputs(model):
+            return None
+        snap = onnx.ModelProto()
+        snap.CopyFrom(model)
+        return snap
+
+    def check(self, p: Pass, result: PassResult, before, after: onnx.ModelProto, full_check: bool) -> dict:
+        preserving = p.preserves_outputs and not result.changes_outputs
+        if result.rewrites == 0 and not result.input_bindings:
+            return {"status": "skipped", "reason": "nothing rewritten", "max_abs_diff": 0.0, "max_rel_diff": 0.0}
+        self._checker(p, after, full_check)
+        shared = V.random_outputs(after) & (V.random_outputs(before) if before is not None else set())
+        needs = {n for b in result.input_bindings.values() for n in b.needs}
+        try:
+            if before is not None and (shared or needs or self.outputs is None):
+                old = V.run_model(before, self.feeds, extra_outputs=sorted(shared | needs))
+            else:
+                old = dict(self.outputs)
+        except V.RuntimeUnavailable as exc:
+            return {"status": "skipped", "reason": f"onnxruntime cannot run this model ({exc}); outputs not compared"}
+        try:
+            extras = shared | needs
+            missing = extras - set(old)
+            if missing:
+                raise NormfixError(f"cannot capture {', '.join(sorted(missing))} from the previous stage")
+            captured = {n: old[n] for n in extras}
+            for n in extras - self._output_names(before):
+                del old[n]
+            feeds = {**self.feeds, **{n: captured[n] for n in shared}}
+            for name, binding in result.input_bindings.items():
+                feeds[name] = binding.make_feed({n: captured[n] for n in binding.needs})
+            target = V.cut_random(after, {n: captured[n] for n in shared}) if shared else after
+            new = V.run_model(target, feeds)
+        except V.RuntimeUnavailable as exc:  # the previous stage ran: the pass broke the model
+            raise ValidationError(f"after pass {p.name}, onnxruntime cannot load the model: {exc}", stage=p.name) from None
+        except NormfixError as exc:
+            raise ValidationError(f"after pass {p.name}: {exc}", stage=p.name) from None
+        uncontrolled = V.random_outputs(after) - shared
+        cmp = V.compare(old, new, self.options.rtol, self.options.atol)
+        self.feeds = {**self.feeds, **{k: feeds[k] for k in result.input_bindings}}
+        self.outputs = new if not uncontrolled else None
+        verdict = {"max_abs_diff": cmp["max_abs_diff"], "max_rel_diff": cmp["max_rel_diff"], "outputs": cmp["outputs"]}
+        if uncontrolled:
+            return {"status": "skipped", "reason": f"random ops not controlled: {', '.join(sorted(uncontrolled))}", **verdict}
+        if preserving and not cmp["ok"]:
+            bad = next(n for n, e in cmp["outputs"].items() if not e["ok"])
+            e = cmp["outputs"][bad]
+            raise ValidationError(
+                f"pass {p.name} changed output {bad!r}: {e.get('reason')} "
+                f"(max abs diff {_fmt(e.get('max_abs_diff'))}, max rel diff {_fmt(e.get('max_rel_diff'))})",
+                stage=p.name, details=verdict)
+        structural = [n for n, e in cmp["outputs"].items() if not e["ok"] and e.get("max_abs_diff") is None]
+        if structural:
+            raise ValidationError(f"pass {p.name} changed output {structural[0]!r}: "
+                                  f"{cmp['outputs'][structural[0]].get('reason')}", stage=p.name, details=verdict)
+        return {"status": "passed" if preserving else "changed", **verdict}
+
+    @staticmethod
+    def _output_names(model) -> set[str]:
+        return {o.name for o in model.graph.output} if model is not None else set()
+
+    @staticmethod
+    def _checker(p: Pass, model: onnx.ModelProto, full_check: bool) -> None:
+        if model_io.needs_external_data(model):
+            return
+        try:
+            onnx.checker.check_model(model, full_check=full_check)
+        except Exception as exc:
+            raise ValidationError(f"pass {p.name} produced an invalid model: {V._first_line(exc)}", stage=p.name) from None
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3g}"

@@ -1,0 +1,270 @@
+"""The validator: re-run each stage on onnxruntime and compare it with the previous stage.
+
+Every stage runs on the same seeded feeds, with onnxruntime's graph optimizations disabled
+(an optimized reference would hide the very bugs we look for). Outputs are compared by name,
+shape, dtype and value. An output passes when
+
+    max|new - old| <= atol + rtol * max|old|          (per output tensor)
+
+i.e. the tolerance scales with the output's largest magnitude; near-zero elements of a large
+output do not fail on cancellation noise. `max_rel_diff` reports max|new - old| / max|old|.
+
+Random ops are never compared blindly: onnxruntime seeds unseeded random kernels once per
+process, so two runs of a random model may agree by accident or disagree for no reason.
+Random nodes that both stages share are cut out of the new stage and fed with what the old
+stage actually drew; inputs a pass created are fed through its `InputBinding`s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .errors import NormfixError
+from .graph import RANDOM_OPS
+from .model_io import PROTOBUF_LIMIT
+
+# (rtol, atol) by output element type. fp16 keeps ~3 decimal digits and a fold rounds its
+# weights once more, so a per-layer relative error of ~1e-3 is expected there.
+TOLERANCES = {
+    onnx.TensorProto.FLOAT: (1e-4, 1e-5),
+    onnx.TensorProto.DOUBLE: (1e-9, 1e-12),
+    onnx.TensorProto.FLOAT16: (1e-2, 1e-3),
+    onnx.TensorProto.BFLOAT16: (5e-2, 1e-2),
+}
+
+
+class RuntimeUnavailable(Exception):
+    """onnxruntime cannot load this model (a custom-domain op, say)."""
+
+
+@dataclass
+class Options:
+    seed: int = 0
+    rtol: float | None = None
+    atol: float | None = None
+    shapes: dict | None = None
+    inputs: dict | None = None
+
+
+# ---- feeds ---------------------------------------------------------------------------
+def real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def input_shape(vi: onnx.ValueInfoProto, shapes: dict | None) -> list[int]:
+    """Concrete shape for an input: `shapes[input name]` if given, else each dim's value,
+    `shapes[dim_param]` for a named symbolic dim, and 1 for any other symbolic dim."""
+    shapes = shapes or {}
+    if vi.name in shapes:
+        return [int(d) for d in np.ravel(shapes[vi.name])]
+    dims = []
+    for d in vi.type.tensor_type.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(d.dim_value)
+        elif d.HasField("dim_param") and d.dim_param in shapes:
+            dims.append(int(np.ravel(shapes[d.dim_param])[0]))
+        else:
+            dims.append(1)
+    return dims
+
+
+def make_feeds(model: onnx.ModelProto, seed: int = 0, shapes: dict | None = None,
+               inputs: dict | None = None) -> dict[str, np.ndarray]:
+    """Seeded feeds for every real graph input; `inputs` (e.g. from --inputs) take precedence."""
+    rng = np.random.default_rng(seed)
+    inputs = inputs or {}
+    feeds: dict[str, np.ndarray] = {}
+    noise_names: set[str] = set()
+    try:
+        from .noise import noise_feeds, noise_inputs
+
+        noise_names = set(noise_inputs(model))
+    except ImportError:  # noise support not installed in this build
+        noise_feeds = None
+    for vi in real_inputs(model):
+        if vi.name in inputs:
+            feeds[vi.name] = np.asarray(inputs[vi.name])
+            continue
+        if vi.name in noise_names:
+            continue
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or tt.elem_type in (0, onnx.TensorProto.STRING):
+            raise NormfixError(f"cannot make test data for input {vi.name!r} (not a numeric tensor); "
+                               "pass --inputs FILE.npz or --no-validate")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        shape = input_shape(vi, shapes)
+        if np.issubdtype(dtype, np.floating) or tt.elem_type == onnx.TensorProto.BFLOAT16:
+            value = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            value = rng.random(shape) < 0.5
+        else:  # integer inputs are often indices or lengths: keep them small and valid
+            value = rng.integers(0, 2, size=shape).astype(dtype)
+        feeds[vi.name] = value
+    extra = set(inputs) - {vi.name for vi in real_inputs(model)}
+    if extra:
+        raise NormfixError(f"--inputs names tensors that are not graph inputs: {', '.join(sorted(extra))}")
+    if noise_names and noise_feeds is not None:
+        feeds.update({k: v for k, v in noise_feeds(model, seed=seed, shapes=_known_dims(model, feeds, shapes)).items()
+                      if k not in feeds})
+    return feeds
+
+
+def _known_dims(model: onnx.ModelProto, feeds: dict, shapes: dict | None) -> dict:
+    """dim_param -> value as fixed by the feeds chosen so far (so noise shares the batch)."""
+    known = dict(shapes or {})
+    for vi in real_inputs(model):
+        if vi.name in feeds:
+            for d, n in zip(vi.type.tensor_type.shape.dim, feeds[vi.name].shape):
+                if d.HasField("dim_param"):
+                    known.setdefault(d.dim_param, n)
+    return known
+
+
+# ---- running -------------------------------------------------------------------------
+def _session(model: onnx.ModelProto, serialized: bytes | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    try:
+        if serialized is None and model.ByteSize() >= PROTOBUF_LIMIT:
+            return _large_session(model, so)
+        data = serialized if serialized is not None else model.SerializeToString()
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise RuntimeUnavailable(_first_line(exc)) from None
+
+
+def _large_session(model: onnx.ModelProto, so):
+    import tempfile
+
+    import onnxruntime as ort
+    from onnx import external_data_helper
+
+    with tempfile.TemporaryDirectory(prefix="onnx_normfix_") as tmp:
+        path = f"{tmp}/model.onnx"
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        try:
+            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        finally:
+            external_data_helper.load_external_data_for_model(model, tmp)
+
+
+def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the tensors `names` (for capturing intermediates)."""
+    names = [n for n in names if n not in {o.name for o in model.graph.output}]
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    return m
+
+
+def run_model(model: onnx.ModelProto, feeds: dict, extra_outputs=(), serialized: bytes | None = None) -> dict:
+    """Run on onnxruntime (optimizations disabled); returns {output name: array}.
+
+    Raises RuntimeUnavailable if onnxruntime cannot load the model, NormfixError if the
+    feeds do not fit it."""
+    if extra_outputs:
+        model, serialized = with_outputs(model, extra_outputs), None
+    sess = _session(model, serialized)
+    names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    try:
+        values = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    except Exception as exc:
+        raise NormfixError(f"onnxruntime failed to run the model: {_first_line(exc)}") from None
+    return dict(zip(names, values))
+
+
+def cut_random(model: onnx.ModelProto, draws: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy where the random nodes producing `draws` are removed and those tensors become
+    graph inputs, so the caller can feed them the draws the previous stage made."""
+    names = set(draws)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    keep = [n for n in m.graph.node if not (n.op_type in RANDOM_OPS and set(n.output) & names)]
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    m.graph.input.extend(
+        onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(draws[n].dtype), draws[n].shape)
+        for n in sorted(names))
+    return m
+
+
+def random_outputs(model: onnx.ModelProto) -> set[str]:
+    return {o for n in model.graph.node if n.op_type in RANDOM_OPS and n.domain in ("", "ai.onnx") for o in n.output if o}
+
+
+# ---- comparing -----------------------------------------------------------------------
+def compare(old: dict, new: dict, rtol: float | None = None, atol: float | None = None) -> dict:
+    """Per-output figures and the overall verdict."""
+    outputs = {}
+    ok = True
+    worst_abs = worst_rel = 0.0
+    for name in old:
+        a = np.asarray(old[name])
+        entry: dict = {"shape": list(a.shape), "dtype": str(a.dtype)}
+        if name not in new:
+            entry.update(ok=False, reason="output missing after the pass")
+        else:
+            b = np.asarray(new[name])
+            entry.update(_compare_one(a, b, rtol, atol))
+        outputs[name] = entry
+        ok &= entry["ok"]
+        # an output that could not be compared at all (missing, reshaped) counts as infinite
+        worst_abs = max(worst_abs, _or_inf(entry.get("max_abs_diff")))
+        worst_rel = max(worst_rel, _or_inf(entry.get("max_rel_diff")))
+    for name in set(new) - set(old):
+        outputs[name] = {"ok": False, "reason": "output appeared after the pass"}
+        ok = False
+    return {"ok": ok, "max_abs_diff": worst_abs, "max_rel_diff": worst_rel, "outputs": outputs}
+
+
+def _or_inf(x) -> float:
+    return float("inf") if x is None else float(x)
+
+
+def _compare_one(a: np.ndarray, b: np.ndarray, rtol, atol) -> dict:
+    if a.shape != b.shape:
+        return {"ok": False, "reason": f"shape {list(a.shape)} became {list(b.shape)}",
+                "max_abs_diff": None, "max_rel_diff": None}
+    if a.dtype != b.dtype:
+        return {"ok": False, "reason": f"dtype {a.dtype} became {b.dtype}", "max_abs_diff": None, "max_rel_diff": None}
+    if a.size == 0:
+        return {"ok": True, "max_abs_diff": 0.0, "max_rel_diff": 0.0}
+    if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"):
+        diff = int(np.count_nonzero(a != b))
+        return {"ok": diff == 0, "max_abs_diff": float(diff and np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))),
+                "max_rel_diff": float(diff / a.size), **({"reason": f"{diff} elements differ"} if diff else {})}
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    nan_a, nan_b = np.isnan(a64), np.isnan(b64)
+    if not np.array_equal(nan_a, nan_b):
+        return {"ok": False, "reason": "NaN pattern differs", "max_abs_diff": float("nan"), "max_rel_diff": float("nan")}
+    finite = ~nan_a
+    inf_same = np.array_equal(np.isinf(a64), np.isinf(b64)) and np.array_equal(a64[np.isinf(a64)], b64[np.isinf(b64)])
+    both = finite & np.isfinite(a64) & np.isfinite(b64)
+    diff = np.abs(a64[both] - b64[both])
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(a64[both]).max()) if diff.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    default_rtol, default_atol = TOLERANCES.get(onnx.helper.np_dtype_to_tensor_dtype(a.dtype), (1e-4, 1e-5))
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    ok = inf_same and max_abs <= atol + rtol * scale
+    out = {"ok": bool(ok), "max_abs_diff": max_abs, "max_rel_diff": max_rel, "rtol": rtol, "atol": atol}
+    if not inf_same:
+        out["reason"] = "Inf pattern differs"
+    elif not ok:
+        out["reason"] = f"max abs diff {max_abs:.3g} > atol {atol:g} + rtol {rtol:g} * max|ref| {scale:.3g}"
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
