@@ -255,7 +255,7 @@ def _stats_from_payload(payload, key: str | None, source: str) -> list[ModuleSta
             f"within {MAX_NESTING} levels; top-level keys: {seen or '(none)'}"
         )
     results = [(where, _collect(_entries(node), source, where)) for where, node in candidates]
-    first_where, first = results[0]
+    first = results[0][1]
     different = [(w, r) for w, r in results[1:] if not _same_stats(first, r)]
     if different:
         listed = ", ".join(
@@ -326,7 +326,7 @@ def _collect(entries: dict, source: str, where: str = "") -> list[ModuleStats]:
                 f"{source}{at}: {keys['running_mean']!r} has {mean.shape[0]} channels but "
                 f"{keys['running_var']!r} has {var.shape[0]}"
             )
-        if False:
+        if (var < 0).any():
             worst = float(var.min())
             raise NormfixError(f"{source}{at}: {keys['running_var']!r} has a negative variance ({worst:g})")
         affine = {}
