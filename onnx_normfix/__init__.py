@@ -10,6 +10,7 @@ torch is imported only when a PyTorch checkpoint is read; onnxruntime only when 
 from .errors import NormfixError, ValidationError
 from .registry import PASSES, InputBinding, Pass, PassContext, PassResult, register_pass
 from . import passes as _builtin_passes  # noqa: F401  (registers fold_bn, fix_inorm, replace_random)
+from .noise import NOISE_METADATA_KEY, noise_feeds, save_noise_feeds
 from .pipeline import Result, optimize
 
 __all__ = [
@@ -23,5 +24,8 @@ __all__ = [
     "register_pass",
     "NormfixError",
     "ValidationError",
+    "noise_feeds",
+    "save_noise_feeds",
+    "NOISE_METADATA_KEY",
 ]
 __version__ = "0.1.0"

@@ -186,7 +186,7 @@ class GraphIndex:
         if self._value_types is None:
             types: dict[str, onnx.TypeProto] = {}
             try:
-                inferred = onnx.shape_inference.infer_shapes(_without_weights(self.model))
+                inferred = onnx.shape_inference.infer_shapes(without_weights(self.model))
                 vis = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
             except Exception:
                 vis = list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)
@@ -296,7 +296,7 @@ def _small_enough(node: onnx.NodeProto, inputs: list) -> bool:
     return True
 
 
-def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy for shape inference: large initializers become typed inputs with no data."""
     light = onnx.ModelProto()
     light.ir_version = max(model.ir_version, 4)
@@ -321,3 +321,6 @@ def stamp(node: onnx.NodeProto, pass_name: str) -> onnx.NodeProto:
     """Mark a node as made by a pass, so a reader of the output sees where it came from."""
     node.doc_string = f"{STAMP}{pass_name}"
     return node
+
+
+_without_weights = without_weights  # old private name, kept while passes migrate

@@ -93,6 +93,14 @@ def _dims(vi: onnx.ValueInfoProto) -> list:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
 
 
+def noise_inputs(model) -> list[str]:
+    """Names of the graph inputs that carry noise made by `replace_random`, in record order."""
+    model = _load(model)
+    present = {vi.name for vi in model.graph.input}
+    return [e["input"] for e in read_noise_entries(model)
+            if e.get("mode", "input") == "input" and e.get("input") in present]
+
+
 def noise_feeds(model, seed: int = 0, shapes: Mapping | None = None) -> dict[str, np.ndarray]:
     """Draw the noise for every noise input of a model rewritten by `replace_random`.
 
