@@ -321,6 +321,3 @@ def stamp(node: onnx.NodeProto, pass_name: str) -> onnx.NodeProto:
     """Mark a node as made by a pass, so a reader of the output sees where it came from."""
     node.doc_string = f"{STAMP}{pass_name}"
     return node
-
-
-_without_weights = without_weights  # old private name, kept while passes migrate

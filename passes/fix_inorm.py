@@ -1,0 +1,233 @@
+"""fix_inorm: give InstanceNorm(track_running_stats=True) its running statistics back.
+
+In eval mode such a norm is a per-channel affine map, i.e. a BatchNormalization over C:
+    y = (x - running_mean[c]) / sqrt(running_var[c] + eps) * weight[c] + bias[c]
+
+1. Old style (torch <= 1.9, or a track_running_stats=False twin): the stats are gone.
+
+       x -> InstanceNormalization(scale, B)    =>    x -> BatchNormalization(scale, B, mean, var)
+
+   Same epsilon; mean/var come from `stats` (a checkpoint, read by `prepare`) matched to each
+   node by initializer name, scope, weight values or, for affine=False, order (see
+   onnx_normfix/inorm_match.py), or are estimated from `calibration_data`. This CHANGES the
+   outputs on purpose (they now match PyTorch eval). Declines, with an error listing the nodes
+   and nothing rewritten, when a node has no stats, ambiguous ones or the wrong channel count
+   (`allow_partial` fixes the others and notes the rest).
+
+2. Exporter patterns (no stats needed, outputs preserved):
+
+       x[N,C,*] -> Reshape[1,N*C,*] -> BatchNormalization(N*C) -> Reshape[N,C,*]
+                                        ^ scale/B/mean/var tiled N times: TorchScript
+                                          Constant/ConstantOfShape/Expand/Tile chains,
+                                          dynamo pre-tiled initializers or Shape -> Tile
+       =>  x[N,C,*] -> BatchNormalization(C)
+
+   The last Reshape may be missing at N=1. Declines (noted) when a tiled parameter is not N
+   identical copies, the Reshapes do not merge exactly N and C, or the BN is in training mode.
+   `dynamic_batch` then makes the batch axis of inputs and outputs symbolic; it is an error
+   when another node still fixes the batch size (e.g. a Reshape to [2, ...]).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+from onnx_normfix.errors import NormfixError
+from onnx_normfix.graph import GraphIndex, without_weights, opset_of, set_attr, stamp
+from onnx_normfix.inorm_match import find_tiled_norm, match_modules, norm_nodes, scope_paths
+from onnx_normfix.registry import Pass, PassContext, PassResult, register_pass
+
+NAME = "fix_inorm"
+BATCH_DIM = "batch"
+
+
+class CalibratedStats(dict):
+    """{InstanceNormalization input: (mean, var)} estimated by `prepare` from sample inputs."""
+
+
+def _prepare(model: onnx.ModelProto, options: dict) -> dict:
+    """Read the checkpoint and run the calibration (file I/O and onnxruntime live here)."""
+    from onnx_normfix.stats import estimate_stats, load_stats, stats_from_arrays
+
+    opts = dict(options)
+    stats = opts.get("stats")
+    if isinstance(stats, (str, os.PathLike)):
+        opts["stats"] = load_stats(stats, key=opts.get("stats_key"))
+    elif isinstance(stats, Mapping):
+        opts["stats"] = stats_from_arrays(dict(stats), key=opts.get("stats_key"))
+    data = opts.get("calibration_data")
+    if data is not None and not isinstance(data, CalibratedStats):
+        tensors = [n.input[0] for n in model.graph.node if n.op_type == "InstanceNormalization"]
+        if isinstance(data, (str, os.PathLike)):
+            try:
+                with np.load(data, allow_pickle=False) as archive:
+                    data = {k: archive[k] for k in archive.files}
+            except Exception as exc:
+                raise NormfixError(f"--calibration-data {data}: cannot read as .npz ({exc})") from None
+        opts["calibration_data"] = CalibratedStats(estimate_stats(model, data, tensors) if tensors else {})
+    return opts
+
+
+def _run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+    opts = ctx.options
+    ix = GraphIndex(model)
+    result = PassResult(details={"norms": [], "patterns": []})
+    old_style = _plan_old_style(ix, opts, result)
+    patterns = []
+    for bn in [n for n in model.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
+        found = find_tiled_norm(ix, bn)
+        if isinstance(found, str):
+            result.notes.append(f"skipped {bn.name or 'BatchNormalization'}: {found}")
+        elif found is not None:
+            patterns.append(found)
+
+    # all decisions made: now rewrite (in place, so node order stays topological)
+    for n, stem, mean, var in old_style:
+        _to_batchnorm(ix, n.node, stem, mean, var)
+    for site in patterns:
+        base = next(iter(scope_paths(site.bn)), site.bn.name or "instance_norm")
+        names = [src or ix.add_initializer(value.astype(_dtype(ix, site.bn.input[1 + k])), f"{base}.{role}")
+                 for k, (role, value, src) in enumerate(zip(("weight", "bias", "running_mean", "running_var"),
+                                                            site.params, site.sources))]
+        site.bn.input[:] = [site.x, *names]
+        site.bn.output[:] = [site.out]
+        for a in [a for a in site.bn.attribute if a.name not in ("epsilon", "momentum")]:
+            site.bn.attribute.remove(a)
+        stamp(site.bn, NAME)
+        if site.tail is not None:
+            ix.remove(site.tail)
+        result.details["patterns"].append({"node": site.bn.name, "exporter": site.exporter,
+                                           "channels": site.channels, "batch": site.batch})
+    ix.commit()
+    result.rewrites = len(old_style) + len(patterns)
+    result.changes_outputs = bool(old_style)
+    if patterns:
+        result.notes.append(f"collapsed {len(patterns)} exported InstanceNorm pattern(s) into BatchNormalization over C")
+    if opts.get("dynamic_batch"):
+        result.details["dynamic_batch"] = _make_batch_dynamic(model)
+        result.notes.append(result.details["dynamic_batch"])
+    return result
+
+
+def _plan_old_style(ix: GraphIndex, opts, result: PassResult) -> list:
+    """[(NormNode, module name or None, mean, var)] for every InstanceNormalization, or NormfixError."""
+    nodes = norm_nodes(ix)
+    if not nodes:
+        if opts.get("stats") is not None or opts.get("calibration_data") is not None:
+            result.notes.append("stats/calibration data unused: no InstanceNormalization node lost its statistics")
+        return []
+    stats, calibrated = opts.get("stats"), opts.get("calibration_data")
+    if isinstance(stats, (str, os.PathLike)) or (calibrated is not None and not isinstance(calibrated, CalibratedStats)):
+        raise NormfixError("fix_inorm: files are read by the pass's prepare step; run it through onnx_normfix.optimize")
+    if isinstance(stats, Mapping):
+        from onnx_normfix.stats import stats_from_arrays
+
+        stats = stats_from_arrays(dict(stats), key=opts.get("stats_key"))
+    if stats is None and calibrated is None and not opts.get("allow_partial"):
+        raise NormfixError(
+            f"fix_inorm: {len(nodes)} InstanceNormalization node(s) lost their running statistics; give the "
+            "checkpoint with --stats FILE (.pt/.pth/.ckpt/.npz/.safetensors) or estimate them from sample "
+            "inputs with --calibration-data FILE.npz")
+    matched, reasons = match_modules(ix, nodes, list(stats or []))
+    plan, unmatched = [], {}
+    for n in nodes:
+        if n.label in matched:
+            module, method = matched[n.label]
+            plan.append((n, module.name, module.running_mean, module.running_var))
+            result.details["norms"].append({"node": n.label, "module": module.name, "method": method, "channels": n.channels})
+        elif calibrated and n.node.input[0] in calibrated:
+            plan.append((n, None, *calibrated[n.node.input[0]]))
+            result.details["norms"].append({"node": n.label, "module": None, "method": "calibration (estimate)",
+                                            "channels": n.channels})
+        else:
+            unmatched[n.label] = reasons.get(n.label, "no stats given") if stats is not None else "no stats given"
+    if unmatched:
+        listing = "; ".join(f"{label}: {why}" for label, why in unmatched.items())
+        result.details["unmatched"] = unmatched
+        if not opts.get("allow_partial"):
+            hint = " (are these stats from another model?)" if not matched and stats else ""
+            raise NormfixError(f"fix_inorm: no usable running statistics for {len(unmatched)} of {len(nodes)} "
+                               f"InstanceNormalization node(s){hint}: {listing}. Nothing was rewritten; "
+                               "--allow-partial fixes the others")
+        result.notes.append(f"left {len(unmatched)} InstanceNormalization node(s) without stats: {listing}")
+    return plan
+
+
+def _dtype(ix: GraphIndex, name: str):
+    value = ix.constant(name)
+    return value.dtype if value is not None else np.float32
+
+
+def _to_batchnorm(ix: GraphIndex, node: onnx.NodeProto, stem: str | None, mean, var) -> None:
+    """Rewrite in place: same position, inputs and output; mean/var named after the module."""
+    dtype = _dtype(ix, node.input[1])
+    base = node.name.replace("InstanceNormalization", "BatchNormalization") if node.name else "BatchNormalization"
+    stem = stem or base
+    mean_name = ix.add_initializer(np.asarray(mean).reshape(-1).astype(dtype), f"{stem}.running_mean")
+    var_name = ix.add_initializer(np.asarray(var).reshape(-1).astype(dtype), f"{stem}.running_var")
+    node.op_type = "BatchNormalization"
+    node.input.extend([mean_name, var_name])
+    node.name = ix.unique_name(base)
+    if opset_of(ix.model) < 7:
+        set_attr(node, "is_test", 1)  # BN-6 and older default to training mode
+    stamp(node, NAME)
+
+
+def _make_batch_dynamic(model: onnx.ModelProto) -> str:
+    """Symbolic batch axis on inputs and outputs, or NormfixError naming what still fixes it."""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    inputs = [i for i in g.input if i.name not in inits]
+    dims0 = [i.type.tensor_type.shape.dim[0] if i.type.tensor_type.shape.dim else None for i in inputs]
+    if all(d is not None and not d.HasField("dim_value") for d in dims0):
+        return "dynamic batch: the batch axis is already symbolic"
+    sizes = {d.dim_value for d in dims0 if d is not None and d.HasField("dim_value")}
+    if None in dims0 or len(sizes) != 1:
+        raise NormfixError(f"--dynamic-batch: cannot tell the batch axis; the inputs' first dims are {sorted(sizes)}")
+    batch = sizes.pop()
+    probe = without_weights(model)
+    for vi in probe.graph.input:
+        if vi.name not in inits:
+            vi.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM
+    for vi in probe.graph.output:
+        vi.type.tensor_type.ClearField("shape")
+    del probe.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True).graph
+    except Exception as exc:
+        raise NormfixError(f"--dynamic-batch: shape inference fails with a symbolic batch ({exc})") from None
+    types = {vi.name: vi.type.tensor_type for vi in (*inferred.input, *inferred.value_info, *inferred.output)}
+
+    def batched(name):
+        t = types.get(name)
+        return t is not None and t.HasField("shape") and len(t.shape.dim) > 0 and t.shape.dim[0].dim_param == BATCH_DIM
+
+    ix = GraphIndex(model)
+    blockers = [n.name or n.op_type for n in g.node if n.op_type == "Reshape" and batched(n.input[0])
+                and (shape := ix.constant(n.input[1])) is not None and shape.size and shape.reshape(-1)[0] > 0]
+    blockers += [f"output {o.name}" for o in g.output if not batched(o.name)]
+    if blockers:
+        raise NormfixError(f"--dynamic-batch: the batch size {batch} is still fixed by {', '.join(blockers[:5])}"
+                           f"{' ...' if len(blockers) > 5 else ''}; left static (drop --dynamic-batch)")
+    input_names = {i.name for i in inputs}
+    for vi in [*inputs, *g.output, *g.value_info]:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and (vi.name in input_names or batched(vi.name)):
+            dims[0].dim_param = BATCH_DIM
+    return f"dynamic batch: the batch axis (was {batch}) is now '{BATCH_DIM}' on {len(inputs)} input(s) and {len(g.output)} output(s)"
+
+
+PASS = register_pass(Pass(
+    name=NAME,
+    summary="restore InstanceNorm running stats (old-style exports) and collapse the exporters' "
+            "Reshape/BatchNormalization(N*C)/Reshape patterns into BatchNormalization over C",
+    preserves_outputs=True,  # the pattern collapse does; an old-style repair sets changes_outputs
+    run=_run,
+    order=20,
+    options={"stats": None, "stats_key": None, "calibration_data": None, "allow_partial": False, "dynamic_batch": False},
+    prepare=_prepare,
+))
