@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-passes", action="store_true", help="print the passes with a one-line summary and exit")
     g = p.add_argument_group("validation")
     g.add_argument("--no-validate", action="store_true", help="skip onnx.checker and onnxruntime comparisons")
+    g.add_argument("--full-validation", action="store_true",
+                   help="always compare the whole model (large graphs are otherwise checked site by site)")
     g.add_argument("--rtol", type=float, help="relative tolerance (default by dtype: fp32 1e-4, fp16 1e-2)")
     g.add_argument("--atol", type=float, help="absolute tolerance (default by dtype: fp32 1e-5, fp16 1e-3)")
     g.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed for generated feeds and constant noise (default 0)")
     f = p.add_argument_group("fix_inorm")
     f.add_argument("--stats", metavar="CKPT", help="checkpoint with the InstanceNorm running stats (.pt/.pth/.ckpt/.npz/.safetensors)")
+    f.add_argument("--stats-key", metavar="KEY", help="which part of the checkpoint holds the model (e.g. G, or a/b/G)")
     f.add_argument("--calibration-data", metavar="FILE.npz", help="estimate running stats from sample inputs (no checkpoint)")
     f.add_argument("--allow-partial", action="store_true", help="fix the norms that match, leave the rest (noted in the report)")
     f.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension symbolic again where norms fixed it")
@@ -78,12 +81,12 @@ def _shapes(items: list[str]) -> dict:
 def _options(args) -> dict:
     names = [n.strip() for n in args.passes.split(",") if n.strip()]
     opts: dict = {"seed": args.seed, "rtol": args.rtol, "atol": args.atol, "inputs": args.inputs,
-                  "reference": args.reference}
+                  "reference": args.reference, "full_validation": args.full_validation}
     shapes = _shapes(args.input_shape)
     if shapes:
         opts["input_shapes"] = {k: (v[0] if len(v) == 1 else v) for k, v in shapes.items()}
     pass_flags = {"fix_inorm": {"stats": args.stats, "calibration_data": args.calibration_data,
-                                "allow_partial": args.allow_partial or None, "dynamic_batch": args.dynamic_batch or None},
+                                "stats_key": args.stats_key, "allow_partial": args.allow_partial or None, "dynamic_batch": args.dynamic_batch or None},
                   "replace_random": {"random_mode": args.random_mode}}
     from .errors import NormfixError
 
