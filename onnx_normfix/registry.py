@@ -36,6 +36,9 @@ class PassResult:
     input_bindings: dict[str, InputBinding] = field(default_factory=dict)
     # Extra figures a pass wants in the report (e.g. how each norm matched its stats).
     details: dict[str, Any] = field(default_factory=dict)
+    # Each rewrite site as (input tensor names, output tensor names), names that exist both
+    # before and after the pass; lets the validator check large graphs site by site.
+    sites: list[tuple[list[str], list[str]]] = field(default_factory=list)
 
 
 @dataclass

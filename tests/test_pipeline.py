@@ -223,3 +223,32 @@ def test_saved_result_roundtrips(tmp_path):
     assert [n.op_type for n in loaded.graph.node] == ["Conv", "Relu"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
     assert loaded.ir_version == IR_VERSION
+
+
+def _fold_sites_pass(negate: bool):
+    """Runs fold_bn, then (optionally) breaks the folded weight; reports fold_bn's sites."""
+    def run(model, ctx):
+        result = PASSES["fold_bn"].run(model, ctx)
+        if negate:
+            t = next(t for t in model.graph.initializer if t.name == "conv.weight")
+            t.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(t), t.name))
+        return result
+    return run
+
+
+@pytest.mark.parametrize("negate", [False, True])
+def test_large_graphs_are_checked_at_the_rewrite_sites(monkeypatch, temp_pass, negate):
+    import onnx_normfix.pipeline as P
+
+    monkeypatch.setattr(P, "WHOLE_MODEL_NODES", 1)
+    temp_pass("fold_sites", _fold_sites_pass(negate))
+    if negate:
+        with pytest.raises(nf.ValidationError, match="at its rewrite site"):
+            nf.optimize(conv_bn_model(), passes=["fold_sites"])
+        return
+    v = nf.optimize(conv_bn_model(), passes=["fold_sites"]).report["passes"][0]["validation"]
+    assert v["status"] == "passed" and v["checks"] == ["checker", "1 rewrite sites"]
+    assert v["max_abs_diff"] < 1e-4 and set(v["outputs"]) == {"bn_out"}
+    # full_validation restores the whole-model comparison
+    v = nf.optimize(conv_bn_model(), passes=["fold_sites"], full_validation=True).report["passes"][0]["validation"]
+    assert v["checks"] == ["checker", "whole model"]
