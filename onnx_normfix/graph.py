@@ -134,6 +134,8 @@ class GraphIndex:
             if node.domain in ("", "ai.onnx"):
                 if node.op_type == "Constant":
                     value = constant_node_value(node)
+                elif node.op_type == "Identity":  # exporters share equal weights through Identity
+                    value = self.constant(node.input[0], depth - 1)
                 elif node.op_type in FOLDABLE_OPS:
                     value = self._evaluate(node, name, depth)
         self._const_cache[name] = value

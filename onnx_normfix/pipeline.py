@@ -65,7 +65,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
         source = str(model)
         say(f"loading {source}")
         work = model_io.load_model(model)
-    full_check, check_note = _check_input(work)
+    full_check, check_note = _check_input(work) if validate else (False, None)
     report: dict = {"input": source, "output": None, "nodes_before": len(work.graph.node),
                     "nodes_after": None, "passes": [], "load_seconds": round(time.perf_counter() - t0, 3)}
     if check_note:
