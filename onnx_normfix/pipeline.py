@@ -260,7 +260,35 @@ class _Stages:
         if structural:
             raise ValidationError(f"pass {p.name} changed output {structural[0]!r}: "
                                   f"{cmp['outputs'][structural[0]].get('reason')}", stage=p.name, details=verdict)
-        return {"status": "passed" if preserving else "changed", "checks": ["checker", "whole model"], **verdict}
+        checks = ["checker", "whole model"]
+        batch = self._batch_check(p, before, after, feeds, new)
+        if batch is not None:
+            checks.append(f"batch {batch}")
+        return {"status": "passed" if preserving else "changed", "checks": checks, **verdict}
+
+    def _batch_check(self, p: Pass, before, after, feeds: dict, new: dict) -> int | None:
+        """Where the pass made a fixed batch axis symbolic, run the new model at twice the
+        batch (the feeds stacked on themselves): every batched output must be its stage
+        output stacked likewise. Returns the batch size checked, or None if not needed."""
+        fixed = {i.name for i in V.real_inputs(before) if _leading_dim(i) == "fixed"}
+        grown = [i.name for i in V.real_inputs(after) if i.name in fixed and _leading_dim(i) == "symbolic"]
+        if not grown:
+            return None
+        doubled = {k: (np.concatenate([v, v]) if k in grown else v) for k, v in feeds.items()}
+        try:
+            got = V.run_model(after, doubled)
+        except (V.RuntimeUnavailable, NormfixError) as exc:
+            raise ValidationError(f"pass {p.name} made the batch symbolic, but the model fails at batch "
+                                  f"{len(doubled[grown[0]])}: {exc}", stage=p.name) from None
+        want = {k: (np.concatenate([v, v]) if got[k].shape[:1] == (2 * v.shape[0],) else v)
+                for k, v in new.items() if v.ndim}
+        cmp = V.compare(want, {k: got[k] for k in want}, self.options.rtol, self.options.atol)
+        if not cmp["ok"]:
+            bad = next(n for n, e in cmp["outputs"].items() if not e["ok"])
+            raise ValidationError(f"pass {p.name}: at batch {len(doubled[grown[0]])} output {bad!r} is not "
+                                  f"the stacked batch-{len(feeds[grown[0]])} output: {cmp['outputs'][bad].get('reason')}",
+                                  stage=p.name, details=cmp)
+        return len(doubled[grown[0]])
 
     def _check_sites(self, p: Pass, result: PassResult, before, after) -> dict:
         self.outputs = None  # the whole model was not run: nothing to reuse next stage
@@ -290,6 +318,13 @@ class _Stages:
             onnx.checker.check_model(model, full_check=full_check)
         except Exception as exc:
             raise ValidationError(f"pass {p.name} produced an invalid model: {V._first_line(exc)}", stage=p.name) from None
+
+
+def _leading_dim(vi: onnx.ValueInfoProto) -> str | None:
+    dims = vi.type.tensor_type.shape.dim
+    if not dims:
+        return None
+    return "fixed" if dims[0].HasField("dim_value") else "symbolic"
 
 
 def _fmt(x) -> str:

@@ -252,3 +252,30 @@ def test_large_graphs_are_checked_at_the_rewrite_sites(monkeypatch, temp_pass, n
     # full_validation restores the whole-model comparison
     v = nf.optimize(conv_bn_model(), passes=["fold_sites"], full_validation=True).report["passes"][0]["validation"]
     assert v["checks"] == ["checker", "whole model"]
+
+
+def _symbolic_batch(model, ctx):
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return PassResult(rewrites=1)
+
+
+def test_pass_that_makes_batch_symbolic_is_checked_at_another_batch(temp_pass):
+    temp_pass("symbolic_batch", _symbolic_batch)
+    v = nf.optimize(conv_bn_model(batch=2), passes=["symbolic_batch"]).report["passes"][0]["validation"]
+    assert v["status"] == "passed" and v["checks"][-1] == "batch 4"
+
+
+def test_symbolic_batch_on_a_model_that_mixes_samples_is_caught(temp_pass):
+    """y = relu(bn(conv(x))) + sum over the batch: fine at batch 2, wrong once the batch
+    axis is declared free, and the stacked-batch check sees it."""
+    model = conv_bn_model(batch=2)
+    model.graph.node[-1].output[0] = "r"
+    model.graph.node.extend([
+        helper.make_node("ReduceSum", ["r", "axis0"], ["s"], keepdims=1),
+        helper.make_node("Add", ["r", "s"], ["y"]),
+    ])
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
+    temp_pass("symbolic_batch", _symbolic_batch)
+    with pytest.raises(nf.ValidationError, match="at batch 4 output 'y' is not the stacked batch-2 output"):
+        nf.optimize(model, passes=["symbolic_batch"])
