@@ -57,6 +57,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
     say: Callable[[str], None] = opts["progress"] or (lambda message: None)
 
     t0 = time.perf_counter()
+    if validate:
+        V.start_worker()  # onnxruntime starts in its process while the model loads
     if isinstance(model, onnx.ModelProto):
         source = "<ModelProto>"
         work = onnx.ModelProto()

@@ -125,35 +125,85 @@ def _known_dims(model: onnx.ModelProto, feeds: dict, shapes: dict | None) -> dic
 
 
 # ---- running -------------------------------------------------------------------------
-def _session(model: onnx.ModelProto, serialized: bytes | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    try:
-        if serialized is None and model.ByteSize() >= PROTOBUF_LIMIT:
-            return _large_session(model, so)
-        data = serialized if serialized is not None else model.SerializeToString()
-        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise RuntimeUnavailable(_first_line(exc)) from None
+class RuntimeCrashed(RuntimeUnavailable):
+    """onnxruntime died (a signal) on this model; the worker is restarted for the next one."""
 
 
-def _large_session(model: onnx.ModelProto, so):
-    import tempfile
+class OrtWorker:
+    """onnxruntime in a child process (`_ort_server.py`), started once and reused.
 
-    import onnxruntime as ort
+    A subprocess started by file path, not multiprocessing: the child never re-imports the
+    user's script, and imports only numpy and onnxruntime."""
+
+    def __init__(self):
+        self._proc = None
+
+    def start(self) -> None:
+        """Start the child now (it imports onnxruntime while the parent loads the model)."""
+        if self._proc is None or self._proc.poll() is not None:
+            import subprocess
+            import sys
+            from pathlib import Path
+
+            server = Path(__file__).with_name("_ort_server.py")
+            self._proc = subprocess.Popen([sys.executable, "-u", str(server)], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def run(self, source, feeds: dict) -> dict:
+        from . import _ort_server as wire
+
+        self.start()
+        try:
+            wire._write(self._proc.stdin, (source, feeds))
+            reply = wire._read(self._proc.stdout)
+        except (BrokenPipeError, OSError):
+            reply = None
+        if reply is None:
+            code = self._proc.wait()
+            self._proc = None
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            raise RuntimeCrashed(f"onnxruntime crashed on this model ({how})")
+        kind, payload = reply
+        if kind == "unavailable":
+            raise RuntimeUnavailable(payload)
+        if kind == "failed":
+            raise NormfixError(f"onnxruntime failed to run the model: {payload}")
+        return payload
+
+    def close(self) -> None:
+        if self._proc is not None:
+            try:
+                self._proc.stdin.close()
+                self._proc.wait(timeout=10)
+            except Exception:
+                self._proc.kill()
+            self._proc = None
+
+
+_WORKER = OrtWorker()
+
+
+def _close_worker() -> None:
+    _WORKER.close()
+
+
+import atexit  # noqa: E402  (registered next to the worker it closes)
+
+atexit.register(_close_worker)
+
+
+def start_worker() -> None:
+    _WORKER.start()
+
+
+def _large_source(model: onnx.ModelProto, tmp: str) -> str:
     from onnx import external_data_helper
 
-    with tempfile.TemporaryDirectory(prefix="onnx_normfix_") as tmp:
-        path = f"{tmp}/model.onnx"
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024)
-        try:
-            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        finally:
-            external_data_helper.load_external_data_for_model(model, tmp)
+    path = f"{tmp}/model.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    external_data_helper.load_external_data_for_model(model, tmp)  # save moved the data out
+    return path
 
 
 def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
@@ -166,20 +216,20 @@ def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
 
 
 def run_model(model: onnx.ModelProto, feeds: dict, extra_outputs=(), serialized: bytes | None = None) -> dict:
-    """Run on onnxruntime (optimizations disabled); returns {output name: array}.
-
-    Raises RuntimeUnavailable if onnxruntime cannot load the model, NormfixError if the
-    feeds do not fit it."""
+    """Run on onnxruntime (optimizations disabled, in the worker process); returns
+    {output name: array}. Raises RuntimeUnavailable if onnxruntime cannot load the model
+    (RuntimeCrashed if it died on it), NormfixError if the feeds do not fit it."""
     if extra_outputs:
         model, serialized = with_outputs(model, extra_outputs), None
-    sess = _session(model, serialized)
-    names = [o.name for o in sess.get_outputs()]
-    wanted = {i.name for i in sess.get_inputs()}
-    try:
-        values = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
-    except Exception as exc:
-        raise NormfixError(f"onnxruntime failed to run the model: {_first_line(exc)}") from None
-    return dict(zip(names, values))
+    if serialized is None:
+        try:
+            serialized = model.SerializeToString()
+        except Exception:  # EncodeError over protobuf's 2 GB: onnxruntime reads external data
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="onnx_normfix_") as tmp:
+                return _WORKER.run(_large_source(model, tmp), feeds)
+    return _WORKER.run(serialized, feeds)
 
 
 def cut_random(model: onnx.ModelProto, draws: dict[str, np.ndarray]) -> onnx.ModelProto:

@@ -279,3 +279,21 @@ def test_symbolic_batch_on_a_model_that_mixes_samples_is_caught(temp_pass):
     temp_pass("symbolic_batch", _symbolic_batch)
     with pytest.raises(nf.ValidationError, match="at batch 4 output 'y' is not the stacked batch-2 output"):
         nf.optimize(model, passes=["symbolic_batch"])
+
+
+def test_model_that_crashes_onnxruntime_does_not_crash_the_tool():
+    """onnxruntime 1.31 segfaults on a BN-9 that declares empty optional outputs. It runs in a
+    worker process: the stage is reported skipped with the signal, the fold still happens."""
+    model = conv_bn_model(opset=9)
+    relu = model.graph.node[-1]
+    relu.output[0] = "r"
+    model.graph.node.append(helper.make_node(
+        "BatchNormalization", ["r", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"],
+        ["y", "", "", "", ""], name="/bn2/BatchNormalization"))
+    rep = nf.optimize(model, passes=["fold_bn"]).report
+    (stage,) = rep["passes"]
+    assert stage["rewrites"] == 1 and "declares 5 outputs" in " ".join(stage["notes"])
+    assert stage["validation"]["status"] == "skipped"
+    assert "crashed" in stage["validation"]["reason"]
+    # the worker is back for the next model
+    assert nf.optimize(conv_bn_model(), passes=["fold_bn"]).report["passes"][0]["validation"]["status"] == "passed"

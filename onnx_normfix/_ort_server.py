@@ -1,0 +1,63 @@
+"""The onnxruntime side of `validate.OrtWorker`, run as a child process by file path.
+
+A model can crash onnxruntime itself (a segfault, seen with BN-9 declaring empty optional
+outputs); in a child process that costs one session, not the tool. Protocol on stdin/stdout:
+8-byte little-endian length + pickle, request `(model bytes or path, feeds)`, reply
+`(kind, payload)` with kind "ok" ({output: array}), "unavailable" (session creation failed)
+or "failed" (run failed). This file imports only numpy and onnxruntime: it starts fast.
+"""
+
+import pickle
+import struct
+import sys
+
+
+def _read(stream):
+    header = stream.read(8)
+    if len(header) < 8:
+        return None
+    (size,) = struct.unpack("<Q", header)
+    return pickle.loads(stream.read(size))
+
+
+def _write(stream, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def serve(inp, out) -> None:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    while True:
+        request = _read(inp)
+        if request is None:
+            return
+        source, feeds = request
+        try:
+            sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            _write(out, ("unavailable", _first_line(exc)))
+            continue
+        names = [o.name for o in sess.get_outputs()]
+        wanted = {i.name for i in sess.get_inputs()}
+        try:
+            values = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
+        except Exception as exc:
+            _write(out, ("failed", _first_line(exc)))
+            continue
+        del sess
+        _write(out, ("ok", dict(zip(names, values))))
+
+
+if __name__ == "__main__":
+    serve(sys.stdin.buffer, sys.stdout.buffer)
