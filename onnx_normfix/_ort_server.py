@@ -38,16 +38,20 @@ def serve(inp, out) -> None:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
+    last_source, sess = None, None
     while True:
         request = _read(inp)
         if request is None:
             return
         source, feeds = request
-        try:
-            sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            _write(out, ("unavailable", _first_line(exc)))
-            continue
+        if source != last_source:  # the same model again (calibration batches): reuse its session
+            last_source, sess = None, None
+            try:
+                sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+            except Exception as exc:
+                _write(out, ("unavailable", _first_line(exc)))
+                continue
+            last_source = source
         names = [o.name for o in sess.get_outputs()]
         wanted = {i.name for i in sess.get_inputs()}
         try:
@@ -55,7 +59,8 @@ def serve(inp, out) -> None:
         except Exception as exc:
             _write(out, ("failed", _first_line(exc)))
             continue
-        del sess
+        if not isinstance(source, bytes) or len(source) > (256 << 20):
+            last_source, sess = None, None  # a big model's session is not kept between requests
         _write(out, ("ok", dict(zip(names, values))))
 
 

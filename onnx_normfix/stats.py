@@ -395,7 +395,7 @@ def estimate_stats(
     Run it on the model *before* its InstanceNormalization nodes are replaced, so upstream
     norms use per-instance statistics as they did during training.
     """
-    import onnxruntime as ort
+    from .validate import RuntimeUnavailable, run_model
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -416,13 +416,7 @@ def estimate_stats(
         if name not in outputs:
             graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, fallback), None))
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise NormfixError(f"estimate_stats: onnxruntime cannot load the model ({_one_line(exc)})") from None
+    serialized = probe.SerializeToString()
     feeds = {i.name: _cast_feed(data[i.name], i) for i in inputs}
     samples = next(iter(feeds.values())).shape[0] if feeds else 1
     batch = _fixed_batch(inputs) or samples
@@ -436,10 +430,13 @@ def estimate_stats(
     counts = dict.fromkeys(wanted, 0)
     for start in range(0, samples, batch):
         chunk = {k: v[start : start + batch] for k, v in feeds.items()}
-        try:
-            values = session.run(wanted, chunk)
-        except Exception as exc:
-            raise NormfixError(f"estimate_stats: onnxruntime failed on the samples ({_one_line(exc)})") from None
+        try:  # in the validator's onnxruntime worker: a crash there cannot take us down
+            out = run_model(probe, chunk, serialized=serialized)
+        except RuntimeUnavailable as exc:
+            raise NormfixError(f"estimate_stats: onnxruntime cannot load the model ({exc})") from None
+        except NormfixError as exc:
+            raise NormfixError(f"estimate_stats: onnxruntime failed on the samples ({exc})") from None
+        values = [out[n] for n in wanted]
         for name, value in zip(wanted, values):
             mean, var = _instance_moments(np.asarray(value), name)
             if sums[name] is not None and sums[name][0].shape != mean.shape:
