@@ -144,7 +144,7 @@ def main(argv=None) -> int:
 def _main(args, parser) -> int:
     import onnx_normfix
     from .errors import NormfixError, ValidationError
-    from .model_io import check_output_path
+    from .model_io import check_output_path, external_files
 
     if args.list_passes:
         for p in sorted(onnx_normfix.PASSES.values(), key=lambda p: p.order):
@@ -154,6 +154,8 @@ def _main(args, parser) -> int:
     if not args.input or not args.output:
         parser.error("IN.onnx and OUT.onnx are required")
     out = check_output_path(args.output)
+    if out.exists() and out.resolve() in external_files(args.input):
+        raise NormfixError(f"output {out} is an external data file of the input; choose another output path")
     opts = _options(args)
     verbose_progress = not args.quiet
     started = time.perf_counter()

@@ -67,7 +67,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
         source = str(model)
         say(f"loading {source}")
         work = model_io.load_model(model)
-    full_check, check_note = _check_input(work) if validate else (False, None)
+    data = _serialize(work) if validate else None
+    full_check, check_note = _check_input(data) if validate else (False, None)
     report: dict = {"input": source, "output": None, "nodes_before": len(work.graph.node),
                     "nodes_after": None, "passes": [], "load_seconds": round(time.perf_counter() - t0, 3)}
     if check_note:
@@ -76,7 +77,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
     inputs = _load_arrays(opts["inputs"], "--inputs")
     stage = _Stages(work, V.Options(seed=opts["seed"], rtol=opts["rtol"], atol=opts["atol"],
                                     shapes=opts["input_shapes"], inputs=inputs),
-                    opts["full_validation"]) if validate else None
+                    _Snapshot(work, data), opts["full_validation"]) if validate else None
     for k, p in enumerate(selected, 1):
         say(f"[{k}/{len(selected)}] {p.name}: running on {len(work.graph.node)} nodes")
         t = time.perf_counter()
@@ -84,7 +85,6 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
         pass_opts["seed"] = opts["seed"]
         if p.prepare is not None:
             pass_opts = p.prepare(work, pass_opts)
-        before = None if stage is None else stage.snapshot(work)
         nodes_before = len(work.graph.node)
         result = p.run(work, PassContext(options=pass_opts, log=say))
         if not isinstance(result, PassResult):
@@ -98,7 +98,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
             entry["validation"] = {"status": "skipped", "reason": "validation disabled (--no-validate)"}
         else:
             tv = time.perf_counter()
-            entry["validation"] = stage.check(p, result, before, work, full_check)
+            entry["validation"] = stage.check(p, result, work, full_check)
             entry["validation"]["seconds"] = round(time.perf_counter() - tv, 3)
         report["passes"].append(entry)
         say(_stage_line(entry))
@@ -128,20 +128,26 @@ def _merge_options(selected: list[Pass], options: dict) -> dict:
     return merged
 
 
-def _check_input(model: onnx.ModelProto) -> tuple[bool, str | None]:
+def _serialize(model: onnx.ModelProto) -> bytes | None:
+    """The model's bytes, or None over protobuf's 2 GB limit. Serialized once per stage and
+    shared by onnx.checker and onnxruntime (each serialization of ResNet-50 costs 0.25 s)."""
+    return model_io.serialize(model)
+
+
+def _check_input(data: bytes | None) -> tuple[bool, str | None]:
     """The input must pass onnx.checker; strict shape inference is used later only if it
     passes that too (an exporter's harmless shape quirk must not block a fold)."""
-    if model_io.needs_external_data(model):
+    if data is None:
         return False, "model over 2 GB: onnx.checker skipped (it cannot check such a model in memory)"
     try:
-        onnx.checker.check_model(model)
-    except Exception as exc:
-        raise NormfixError(f"invalid ONNX model: {V._first_line(exc)}") from None
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as exc:
-        return False, f"input fails strict shape inference, later stages checked without it: {V._first_line(exc)}"
-    return True, None
+        onnx.checker.check_model(data, full_check=True)
+        return True, None
+    except Exception as strict:
+        try:
+            onnx.checker.check_model(data)
+        except Exception as exc:
+            raise NormfixError(f"invalid ONNX model: {V._first_line(exc)}") from None
+        return False, f"input fails strict shape inference, later stages checked without it: {V._first_line(strict)}"
 
 
 def _load_arrays(value, what: str):
@@ -151,10 +157,17 @@ def _load_arrays(value, what: str):
     if not path.is_file():
         raise NormfixError(f"{what}: file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive of named arrays")
+        with data:
+            arrays = {k: data[k] for k in data.files}
     except Exception as exc:
         raise NormfixError(f"{what}: cannot read {path} as .npz: {V._first_line(exc)}") from None
+    for k, v in arrays.items():
+        if not isinstance(v, np.ndarray) or v.dtype.kind not in "biufc":
+            raise NormfixError(f"{what}: {path}: entry {k!r} is not a numeric array")
+    return arrays
 
 
 def _check_reference(model: onnx.ModelProto, opts: dict, inputs) -> dict:
@@ -193,58 +206,100 @@ def _stage_line(entry: dict) -> str:
             f"{entry['nodes_after']}, validation {v['status']}{figure}, {entry['seconds']:.2f} s")
 
 
-class _Stages:
-    """Carries the previous stage's model and outputs from one pass to the next, so each
-    stage costs one onnxruntime session (two only where random draws must be captured)."""
+class _Snapshot:
+    """A stage's model as bytes (a copy over 2 GB), parsed back only when a check needs it,
+    plus the little the checks read of it directly."""
 
-    def __init__(self, model: onnx.ModelProto, options: V.Options, full: bool = False):
+    def __init__(self, model: onnx.ModelProto, data: bytes | None):
+        # Over 2 GB there are no bytes, and a copy would double the peak memory: such a
+        # stage is compared through its cached outputs only.
+        self.data = data
+        self._model = None
+        self.random = V.random_nodes(model)
+        self.inputs = [copy.deepcopy(vi) for vi in V.real_inputs(model)]
+        self.output_names = {o.name for o in model.graph.output}
+        self.node_count = len(model.graph.node)
+
+    @property
+    def model(self) -> onnx.ModelProto | None:
+        if self._model is None and self.data is not None:
+            self._model = onnx.ModelProto.FromString(self.data)
+        return self._model
+
+
+class _Stages:
+    """Carries the previous stage (bytes and outputs) from one pass to the next, so each stage
+    costs one serialization and one onnxruntime session (two where random draws are captured)."""
+
+    def __init__(self, model: onnx.ModelProto, options: V.Options, first: _Snapshot, full: bool = False):
         self.options = options
         self.full = full
         self.feeds = V.make_feeds(model, options.seed, options.shapes, options.inputs)
-        self.outputs: dict | None = None  # outputs of the current model on self.feeds
+        self.prev = first
+        self.outputs: dict | None = None  # outputs of the previous stage on self.feeds
+        if not first.random:  # random draws are captured by the stage that needs them
+            self.outputs = self._run_input(model, first.data)
 
-    @staticmethod
-    def snapshot(model: onnx.ModelProto) -> onnx.ModelProto:
-        snap = onnx.ModelProto()
-        snap.CopyFrom(model)
-        return snap
+    def _run_input(self, model: onnx.ModelProto, data: bytes | None) -> dict | None:
+        """Run the input once. If onnxruntime cannot load a model made of standard ops only,
+        the input is broken (or newer than onnxruntime): stop and say so. Custom-domain
+        models and models that crash onnxruntime are compared by no stage (`skipped`)."""
+        try:
+            return V.run_model(model, self.feeds, serialized=data)
+        except V.RuntimeCrashed:
+            return None
+        except V.RuntimeUnavailable as exc:
+            custom = {n.domain for n in model.graph.node} - {"", "ai.onnx", "ai.onnx.ml"}
+            if custom or model.functions:
+                return None
+            raise NormfixError(f"onnxruntime cannot load the input model: {exc} "
+                               "(use --no-validate to skip validation)") from None
 
-    def check(self, p: Pass, result: PassResult, before, after: onnx.ModelProto, full_check: bool) -> dict:
+    def check(self, p: Pass, result: PassResult, after: onnx.ModelProto, full_check: bool) -> dict:
         preserving = p.preserves_outputs and not result.changes_outputs
         if result.rewrites == 0 and not result.input_bindings:
             return {"status": "skipped", "reason": "nothing rewritten", "max_abs_diff": 0.0, "max_rel_diff": 0.0}
-        self._checker(p, after, full_check)
+        before, data = self.prev, _serialize(after)
+        self.prev = _Snapshot(after, data)
+        self._checker(p, data, full_check)
         if (preserving and result.sites and not result.input_bindings and not self.full
-                and len(before.graph.node) > WHOLE_MODEL_NODES):
-            return self._check_sites(p, result, before, after)
-        shared = V.random_outputs(after) & V.random_outputs(before)
+                and before.node_count > WHOLE_MODEL_NODES and before.data is not None):
+            return self._check_sites(p, result, before.model, after)
+        now_random = V.random_nodes(after)
+        shared = {o for o, d in now_random.items() if before.random.get(o) == d}
         needs = {n for b in result.input_bindings.values() for n in b.needs}
+        extras = shared | needs
+        if before.data is None and (extras or self.outputs is None or before.random):
+            return {"status": "skipped", "reason": "previous stage over 2 GB was not kept (its outputs "
+                    "could not be computed, or random draws would have to be captured)"}
         try:
             # A model with random ops is re-run: its cached outputs are draws, not values.
-            if shared or needs or self.outputs is None or V.random_outputs(before):
-                old = V.run_model(before, self.feeds, extra_outputs=sorted(shared | needs))
+            if extras or self.outputs is None or before.random:
+                old = (V.run_model(before.model, self.feeds, extra_outputs=sorted(extras)) if extras
+                       else V.run_model(None, self.feeds, serialized=before.data))
             else:
                 old = dict(self.outputs)
         except V.RuntimeUnavailable as exc:
             return {"status": "skipped", "reason": f"onnxruntime cannot run this model ({exc}); outputs not compared"}
         try:
-            extras = shared | needs
             missing = extras - set(old)
             if missing:
                 raise NormfixError(f"cannot capture {', '.join(sorted(missing))} from the previous stage")
             captured = {n: old[n] for n in extras}
-            for n in extras - self._output_names(before):
+            for n in extras - before.output_names:
                 del old[n]
             feeds = {**self.feeds, **{n: captured[n] for n in shared}}
             for name, binding in result.input_bindings.items():
                 feeds[name] = binding.make_feed({n: captured[n] for n in binding.needs})
-            target = V.cut_random(after, {n: captured[n] for n in shared}) if shared else after
-            new = V.run_model(target, feeds)
+            if shared:
+                new = V.run_model(V.cut_random(after, {n: captured[n] for n in shared}), feeds)
+            else:
+                new = V.run_model(after, feeds, serialized=data)
         except V.RuntimeUnavailable as exc:  # the previous stage ran: the pass broke the model
             raise ValidationError(f"after pass {p.name}, onnxruntime cannot load the model: {exc}", stage=p.name) from None
         except NormfixError as exc:
             raise ValidationError(f"after pass {p.name}: {exc}", stage=p.name) from None
-        uncontrolled = V.random_outputs(after) - shared
+        uncontrolled = set(now_random) - shared
         cmp = V.compare(old, new, self.options.rtol, self.options.atol)
         self.feeds = {**self.feeds, **{k: feeds[k] for k in result.input_bindings}}
         self.outputs = new if not uncontrolled else None
@@ -263,22 +318,22 @@ class _Stages:
             raise ValidationError(f"pass {p.name} changed output {structural[0]!r}: "
                                   f"{cmp['outputs'][structural[0]].get('reason')}", stage=p.name, details=verdict)
         checks = ["checker", "whole model"]
-        batch = self._batch_check(p, before, after, feeds, new)
+        batch = self._batch_check(p, before, after, feeds, new, data)
         if batch is not None:
             checks.append(f"batch {batch}")
         return {"status": "passed" if preserving else "changed", "checks": checks, **verdict}
 
-    def _batch_check(self, p: Pass, before, after, feeds: dict, new: dict) -> int | None:
+    def _batch_check(self, p: Pass, before: _Snapshot, after, feeds: dict, new: dict, data) -> int | None:
         """Where the pass made a fixed batch axis symbolic, run the new model at twice the
         batch (the feeds stacked on themselves): every batched output must be its stage
         output stacked likewise. Returns the batch size checked, or None if not needed."""
-        fixed = {i.name for i in V.real_inputs(before) if _leading_dim(i) == "fixed"}
+        fixed = {i.name for i in before.inputs if _leading_dim(i) == "fixed"}
         grown = [i.name for i in V.real_inputs(after) if i.name in fixed and _leading_dim(i) == "symbolic"]
         if not grown:
             return None
         doubled = {k: (np.concatenate([v, v]) if k in grown else v) for k, v in feeds.items()}
         try:
-            got = V.run_model(after, doubled)
+            got = V.run_model(after, doubled, serialized=data)
         except (V.RuntimeUnavailable, NormfixError) as exc:
             raise ValidationError(f"pass {p.name} made the batch symbolic, but the model fails at batch "
                                   f"{len(doubled[grown[0]])}: {exc}", stage=p.name) from None
@@ -309,15 +364,11 @@ class _Stages:
         return {"status": "passed", **verdict}
 
     @staticmethod
-    def _output_names(model) -> set[str]:
-        return {o.name for o in model.graph.output}
-
-    @staticmethod
-    def _checker(p: Pass, model: onnx.ModelProto, full_check: bool) -> None:
-        if model_io.needs_external_data(model):
+    def _checker(p: Pass, data: bytes | None, full_check: bool) -> None:
+        if data is None:  # over 2 GB: the checker cannot take it in memory
             return
         try:
-            onnx.checker.check_model(model, full_check=full_check)
+            onnx.checker.check_model(data, full_check=full_check)
         except Exception as exc:
             raise ValidationError(f"pass {p.name} produced an invalid model: {V._first_line(exc)}", stage=p.name) from None
 

@@ -101,6 +101,8 @@ def _fold(idx: GraphIndex, bn: onnx.NodeProto, opset: int) -> str | tuple[str, o
     params = [idx.constant(n) if n else None for n in bn.input[1:5]]
     if len(params) < 4 or any(p is None for p in params):
         return "scale, B, mean or var is not a constant"
+    if any(np.ndim(p) != 1 for p in params):
+        return "scale, B, mean and var must be 1-D"
     if len({p.size for p in params}) != 1:
         return "scale, B, mean and var differ in length"
     scale, bias, mean, var = (np.asarray(p, dtype=np.float64).reshape(-1) for p in params)
