@@ -223,7 +223,9 @@ class GraphIndex:
         if self._value_types is None:
             types: dict[str, onnx.TypeProto] = {}
             try:
-                inferred = onnx.shape_inference.infer_shapes(without_weights(self.model))
+                # data_prop: exporters compute Reshape targets (Concat of Unsqueezed
+                # Constants, Shape arithmetic); without it every shape downstream is lost.
+                inferred = onnx.shape_inference.infer_shapes(without_weights(self.model), data_prop=True)
                 vis = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
             except Exception:
                 vis = list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)

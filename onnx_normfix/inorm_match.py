@@ -230,7 +230,9 @@ def find_tiled_norm(ix: GraphIndex, bn: onnx.NodeProto) -> TiledNorm | str | Non
     x = head.input[0]
     rank = ix.rank(x)
     target = _shape_entries(ix, head.input[1], x, rank)
-    if rank is None or rank < 3 or target is None or len(target) != rank or target[0] != 1:
+    if rank is None:
+        return "rank of the tensor before the Reshape is unknown (shape inference could not tell)"
+    if rank < 3 or target is None or len(target) != rank or target[0] != 1:
         return None  # not a reshape into [1, N*C, *spatial]: some other Reshape -> BN
     if attr(bn, "training_mode", 0) or attr(bn, "spatial", 1) != 1 or any(o for o in bn.output[1:]):
         return "BatchNormalization is in training mode"
