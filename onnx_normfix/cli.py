@@ -144,7 +144,7 @@ def main(argv=None) -> int:
 def _main(args, parser) -> int:
     import onnx_normfix
     from .errors import NormfixError, ValidationError
-    from .model_io import check_output_path, external_files
+    from .model_io import check_output_path, external_files, save_model
 
     if args.list_passes:
         for p in sorted(onnx_normfix.PASSES.values(), key=lambda p: p.order):
@@ -154,7 +154,10 @@ def _main(args, parser) -> int:
     if not args.input or not args.output:
         parser.error("IN.onnx and OUT.onnx are required")
     out = check_output_path(args.output)
-    if out.exists() and out.resolve() in external_files(args.input):
+    # external data lives inside the input's folder (load_model enforces it): only an
+    # existing file there can be one, and only then is the input parsed a second time
+    if (out.exists() and Path(args.input).resolve().parent in out.resolve().parents
+            and out.resolve() in external_files(args.input)):
         raise NormfixError(f"output {out} is an external data file of the input; choose another output path")
     opts = _options(args)
     verbose_progress = not args.quiet
@@ -172,7 +175,9 @@ def _main(args, parser) -> int:
             _write_report(args.report, {"input": args.input, "output": None, "error": str(exc),
                                         "stage": exc.stage, "details": exc.details})
         raise
-    result.save(out)
+    # nothing touched result.model since validation serialized it: write those bytes
+    save_model(result.model, out, serialized=result.serialized)
+    result.report["output"] = str(out)
     if args.noise_feeds:
         from .noise import noise_feeds
         import numpy as np

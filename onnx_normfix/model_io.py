@@ -351,7 +351,7 @@ def _atomic_write(folder: Path, out: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except BaseException:
-        _unlink(tmp)
+        remove_quietly(tmp)
         raise
     _fsync_dir(folder)
 
@@ -390,10 +390,10 @@ def _save_external(model: onnx.ModelProto, out: Path, folder: Path) -> None:
         _fsync_dir(folder)
     finally:
         for leftover in staging.iterdir():
-            _unlink(leftover)
+            remove_quietly(leftover)
         staging.rmdir()
     if stale is not None and stale not in external_files(out):
-        _unlink(stale)
+        remove_quietly(stale)
 
 
 def _reload_moved(model: onnx.ModelProto, staging: Path, location: str) -> None:
@@ -427,7 +427,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _unlink(path) -> None:
+def remove_quietly(path) -> None:
     try:
         os.unlink(path)
     except OSError:

@@ -38,6 +38,9 @@ WHOLE_MODEL_NODES = 5000
 class Result:
     model: onnx.ModelProto
     report: dict = field(default_factory=dict)
+    # The bytes of `model` as the last validated stage serialized them (None without
+    # validation or over 2 GB). Stale once `model` is modified; `save` does not use them.
+    serialized: bytes | None = field(default=None, repr=False)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model atomically (external data beside it if over 2 GB)."""
@@ -107,7 +110,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
     if opts["reference"] is not None:
         report["reference"] = _check_reference(work, opts, inputs)
     report["seconds"] = round(time.perf_counter() - t0, 3)
-    return Result(model=work, report=report)
+    return Result(model=work, report=report, serialized=stage.prev.data if stage is not None else None)
 
 
 def _merge_options(selected: list[Pass], options: dict) -> dict:

@@ -160,11 +160,20 @@ class OrtWorker:
         from . import _ort_server as wire
 
         self.start()
+        spill = None
+        if isinstance(source, bytes) and len(source) > SPILL_BYTES:
+            # a big model goes by file (tmpfs where there is one): piping and pickling
+            # 100 MB costs more than writing it once and letting onnxruntime read it
+            spill = _spill(source)
+            source = spill
         try:
             wire._write(self._proc.stdin, (source, feeds))
             reply = wire._read(self._proc.stdout)
         except (BrokenPipeError, OSError):
             reply = None
+        finally:
+            if spill is not None:
+                model_io.remove_quietly(spill)
         if reply is None:
             code = self._proc.wait()
             self._proc = None
@@ -188,6 +197,18 @@ class OrtWorker:
 
 
 _WORKER = OrtWorker()
+SPILL_BYTES = 8 << 20
+
+
+def _spill(data: bytes) -> str:
+    import os
+    import tempfile
+
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    fd, path = tempfile.mkstemp(prefix="onnx_normfix_", suffix=".onnx", dir=folder)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
 
 
 def _close_worker() -> None:
