@@ -110,7 +110,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
     if opts["reference"] is not None:
         report["reference"] = _check_reference(work, opts, inputs)
     report["seconds"] = round(time.perf_counter() - t0, 3)
-    return Result(model=work, report=report, serialized=stage.prev.data if stage is not None else None)
+    return Result(model=work, report=report, serialized=stage.prev.data if stage is not None and stage.current else None)
 
 
 def _merge_options(selected: list[Pass], options: dict) -> dict:
@@ -239,6 +239,7 @@ class _Stages:
         self.full = full
         self.feeds = V.make_feeds(model, options.seed, options.shapes, options.inputs)
         self.prev = first
+        self.current = True  # self.prev.data are the bytes of the model as it is now
         self.outputs: dict | None = None  # outputs of the previous stage on self.feeds
         if not first.random:  # random draws are captured by the stage that needs them
             self.outputs = self._run_input(model, first.data)
@@ -261,7 +262,9 @@ class _Stages:
     def check(self, p: Pass, result: PassResult, after: onnx.ModelProto, full_check: bool) -> dict:
         preserving = p.preserves_outputs and not result.changes_outputs
         if result.rewrites == 0 and not result.input_bindings:
+            self.current = False  # a pass may still have swept dead code: bytes are stale
             return {"status": "skipped", "reason": "nothing rewritten", "max_abs_diff": 0.0, "max_rel_diff": 0.0}
+        self.current = True
         before, data = self.prev, _serialize(after)
         self.prev = _Snapshot(after, data)
         self._checker(p, data, full_check)

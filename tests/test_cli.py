@@ -179,3 +179,20 @@ def test_import_is_light():
     code = "import sys, onnx_normfix; bad = [m for m in ('torch', 'onnxruntime', 'onnx_graphsurgeon') if m in sys.modules]; print(bad)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_saved_file_is_the_final_model_even_when_the_last_pass_rewrote_nothing(tmp_path):
+    """The CLI writes the bytes validation serialized; after a pass that rewrote nothing
+    (but may have swept dead code) it must serialize the model as it is."""
+    from onnx import helper
+
+    model = conv_bn_model()
+    model.graph.node.append(helper.make_node("Neg", ["x"], ["dead"], name="dead_end"))
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    assert cli.main([str(src), str(out), "--passes", "fix_inorm", "-q"]) == 0
+    import onnx_normfix as nf
+
+    expected = nf.optimize(src, passes=["fix_inorm"]).model
+    assert "dead_end" not in {n.name for n in expected.graph.node}  # fix_inorm swept it
+    assert out.read_bytes() == expected.SerializeToString()
