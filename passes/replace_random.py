@@ -32,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnx_normfix.errors import NormfixError
-from onnx_normfix.graph import GraphIndex, attr, opset_of, stamp, subgraph_inputs, without_weights
+from onnx_normfix.graph import GraphIndex, attr, opset_of, stamp, subgraph_inputs
 from onnx_normfix.noise import draw_standard_noise, write_noise_entries
 from onnx_normfix.registry import InputBinding, Pass, PassContext, PassResult, register_pass
 
@@ -45,21 +45,12 @@ def _np(elem_type: int):
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
 
 
-def _resolve_shape(gi: GraphIndex, node, known_params: set[str], propagated: dict) -> list | None:
-    """The op's output shape as ints / dim_params / None (unknown dims); None if rank unknown."""
+def _resolve_shape(gi: GraphIndex, node, known_params: set[str]) -> list | None:
+    """The op's output shape as ints / dim_params / None (unknown dims); None if rank unknown.
+    GraphIndex infers with data propagation, which resolves ConstantOfShape(Concat(Shape(x)...))."""
     if node.op_type in ("RandomNormal", "RandomUniform"):
         return [int(d) for d in attr(node, "shape")]
-    names = [node.output[0], node.input[0]]
-    dims = _merge_dims(None, [gi.value_type(n) for n in names], known_params)
-    if dims is None or None in dims:
-        if "types" not in propagated:  # data propagation resolves ConstantOfShape(Concat(Shape(x)...))
-            try:
-                inferred = onnx.shape_inference.infer_shapes(without_weights(gi.model), data_prop=True)
-                propagated["types"] = {vi.name: vi.type for vi in inferred.graph.value_info}
-            except Exception:
-                propagated["types"] = {}
-        dims = _merge_dims(dims, [propagated["types"].get(n) for n in names], known_params)
-    return dims
+    return _merge_dims(None, [gi.value_type(n) for n in (node.output[0], node.input[0])], known_params)
 
 
 def _merge_dims(dims: list | None, candidates, known_params: set[str]) -> list | None:
@@ -79,7 +70,7 @@ def _merge_dims(dims: list | None, candidates, known_params: set[str]) -> list |
     return dims
 
 
-def _plan(gi: GraphIndex, node, mode: str, known_params: set[str], propagated: dict):
+def _plan(gi: GraphIndex, node, mode: str, known_params: set[str]):
     """Everything the rewrite needs, or a string saying why the op is skipped."""
     op = node.op_type
     like = op in ("RandomNormalLike", "RandomUniformLike", "Bernoulli")
@@ -88,7 +79,7 @@ def _plan(gi: GraphIndex, node, mode: str, known_params: set[str], propagated: d
     out_elem = attr(node, "dtype", None if like else TensorProto.FLOAT) or in_elem
     if not out_elem or (op == "Bernoulli" and not in_elem):
         return "dtype unknown (no dtype attribute and the input's type is not inferred)"
-    shape = _resolve_shape(gi, node, known_params, propagated)
+    shape = _resolve_shape(gi, node, known_params)
     if shape is None:
         return f"rank of {node.input[0]!r} unknown"
     if mode == "constant" and not all(isinstance(d, int) for d in shape):
@@ -185,7 +176,7 @@ def run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
     gi, result = GraphIndex(model), PassResult()
     known = {d.dim_param for vi in list(model.graph.input) + list(model.graph.output)
              for d in vi.type.tensor_type.shape.dim if d.dim_param}
-    plans, propagated = [], {}
+    plans = []
     for node in model.graph.node:
         where = node.name or node.output[0]
         if node.op_type in ("Multinomial",) and node.domain in ("", "ai.onnx"):
@@ -194,7 +185,7 @@ def run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
             result.notes.append(f"skipped random ops inside the subgraphs of {where}: not handled")
         if node.op_type not in HANDLED or node.domain not in ("", "ai.onnx"):
             continue
-        plan = _plan(gi, node, mode, known, propagated)
+        plan = _plan(gi, node, mode, known)
         if isinstance(plan, str):
             result.notes.append(f"skipped {where}: {plan}")
         else:
