@@ -176,7 +176,7 @@ def _main(args, parser) -> int:
                                         "stage": exc.stage, "details": exc.details})
         raise
     # nothing touched result.model since validation serialized it: write those bytes
-    save_model(result.model, out, serialized=result.serialized)
+    save_model(result.model, out, serialized=result.serialized, external=result.external_data or None)
     result.report["output"] = str(out)
     if args.noise_feeds:
         from .noise import noise_feeds

@@ -64,9 +64,26 @@ _RAW_TYPE_OF = {dtype: code for code, dtype in _RAW_TYPES.items()}
 
 
 def array_of(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndarray:
-    """The tensor's value (read-only for raw data, as numpy_helper.to_array returns it)."""
+    """The tensor's value (read-only for raw data, as numpy_helper.to_array returns it).
+
+    External data is read from its file on each call, into a fresh writable array that the
+    caller owns (fold_bn scales it in place): `model_io.load_model` leaves it on disk with an
+    absolute, verified location, which onnx's own reader refuses."""
     dtype = _RAW_TYPES.get(tensor.data_type)
-    if dtype is not None and tensor.data_location == onnx.TensorProto.DEFAULT and tensor.HasField("raw_data"):
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        from .model_io import external_bytes
+
+        if dtype is not None:
+            value = np.empty(tuple(tensor.dims), dtype=dtype)
+            return external_bytes(tensor, base_dir, into=value) if value.size else value
+        data = external_bytes(tensor, base_dir)
+        inline = onnx.TensorProto()
+        inline.CopyFrom(tensor)
+        del inline.external_data[:]
+        inline.data_location = onnx.TensorProto.DEFAULT
+        inline.raw_data = data
+        return numpy_helper.to_array(inline)
+    if dtype is not None and tensor.HasField("raw_data"):
         return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
     return numpy_helper.to_array(tensor, base_dir or "")
 
@@ -163,7 +180,12 @@ class GraphIndex:
             return self._const_cache[name]
         value = None
         if name in self.initializers and name not in self.graph_inputs:
-            value = array_of(self.initializers[name], self._base_dir())
+            tensor = self.initializers[name]
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                # read from disk on each use, not cached: the cache would keep every weight
+                # a pass looked at in memory until the pass ends; the caller owns the array
+                return array_of(tensor, self._base_dir())
+            value = array_of(tensor, self._base_dir())
         elif name in self.producer and depth > 0:
             node = self.producer[name]
             if node.domain in ("", "ai.onnx"):
@@ -173,6 +195,8 @@ class GraphIndex:
                     value = self.constant(node.input[0], depth - 1)
                 elif node.op_type in FOLDABLE_OPS:
                     value = self._evaluate(node, name, depth)
+        if isinstance(value, np.ndarray):
+            value.flags.writeable = False  # shared through the cache: writable means owned
         self._const_cache[name] = value
         return value
 
@@ -293,9 +317,11 @@ class GraphIndex:
         dead_inits = [t.name for t in g.initializer if t.name not in live]
         if dead_inits:
             dead = set(dead_inits)
-            keep_inits = [t for t in g.initializer if t.name not in dead]
-            del g.initializer[:]
-            g.initializer.extend(keep_inits)
+            # Move the dead to the end (a stable sort moves pointers) and cut them off:
+            # extending with the kept ones would copy every weight into the arena, which
+            # never frees the old copies (1x the model in memory, per commit).
+            g.initializer.sort(key=lambda t: t.name in dead)
+            del g.initializer[len(g.initializer) - len(dead_inits):]
             # IR 3 initializer-inputs go with their initializer; real inputs always stay.
             keep_inputs = [i for i in g.input if i.name not in dead or i.name in self.graph_inputs]
             if len(keep_inputs) != len(g.input):

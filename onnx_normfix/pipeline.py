@@ -39,12 +39,19 @@ class Result:
     model: onnx.ModelProto
     report: dict = field(default_factory=dict)
     # The bytes of `model` as the last validated stage serialized them (None without
-    # validation or over 2 GB). Stale once `model` is modified; `save` does not use them.
+    # validation, over 2 GB or with external data). Stale once `model` is modified; `save`
+    # does not use them.
     serialized: bytes | None = field(default=None, repr=False)
+    # The input kept (some of) its tensors in external data: so does the output, even once
+    # every external tensor has been rewritten (no serialization of the whole model).
+    external_data: bool = False
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the model atomically (external data beside it if over 2 GB)."""
-        model_io.save_model(self.model, path)
+        """Write the model atomically; with external data beside it if the input had some or
+        it is over 2 GB. Until saved, `model`'s unchanged external tensors point at the
+        input's data files by absolute path (onnx's own reader refuses those: read them with
+        `onnx_normfix.graph.array_of`, or save first); after saving, at the new data file."""
+        model_io.save_model(self.model, path, external=self.external_data or None)
         self.report["output"] = str(path)
 
 
@@ -66,21 +73,33 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
         source = "<ModelProto>"
         work = onnx.ModelProto()
         work.CopyFrom(model)
+        external = model_io.has_external(work)
     else:
         source = str(model)
         say(f"loading {source}")
-        work = model_io.load_model(model)
-    data = _serialize(work) if validate else None
-    full_check, check_note = _check_input(data) if validate else (False, None)
-    report: dict = {"input": source, "output": None, "nodes_before": len(work.graph.node),
-                    "nodes_after": None, "passes": [], "load_seconds": round(time.perf_counter() - t0, 3)}
-    if check_note:
-        report["notes"] = [check_note]
+        found: dict = {}
+        work = model_io.load_model(model, found)
+        external = found["external_tensors"] > 0
+    # a model with external data is never serialized whole, even once its external tensors
+    # are all rewritten: that copy would double the peak memory (see model_io)
+    data = _serialize(work) if validate and not external else None
+    # no bytes (external data, or over 2 GB): onnx.checker and onnxruntime read a staged copy
+    staged = V.Staged(work) if validate and data is None else None
+    try:
+        full_check, check_note = _check_input(data, staged) if validate else (False, None)
+        report: dict = {"input": source, "output": None, "nodes_before": len(work.graph.node),
+                        "nodes_after": None, "passes": [], "load_seconds": round(time.perf_counter() - t0, 3)}
+        if check_note:
+            report["notes"] = [check_note]
 
-    inputs = _load_arrays(opts["inputs"], "--inputs")
-    stage = _Stages(work, V.Options(seed=opts["seed"], rtol=opts["rtol"], atol=opts["atol"],
-                                    shapes=opts["input_shapes"], inputs=inputs),
-                    _Snapshot(work, data), opts["full_validation"]) if validate else None
+        inputs = _load_arrays(opts["inputs"], "--inputs")
+        stage = _Stages(work, V.Options(seed=opts["seed"], rtol=opts["rtol"], atol=opts["atol"],
+                                        shapes=opts["input_shapes"], inputs=inputs),
+                        _Snapshot(work, data), opts["full_validation"], staged and staged.path,
+                        external) if validate else None
+    finally:
+        if staged is not None:
+            staged.cleanup()
     for k, p in enumerate(selected, 1):
         say(f"[{k}/{len(selected)}] {p.name}: running on {len(work.graph.node)} nodes")
         t = time.perf_counter()
@@ -110,7 +129,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
     if opts["reference"] is not None:
         report["reference"] = _check_reference(work, opts, inputs)
     report["seconds"] = round(time.perf_counter() - t0, 3)
-    return Result(model=work, report=report, serialized=stage.prev.data if stage is not None and stage.current else None)
+    current = stage.prev.data if stage is not None and stage.current else None
+    return Result(model=work, report=report, serialized=current, external_data=external)
 
 
 def _merge_options(selected: list[Pass], options: dict) -> dict:
@@ -132,25 +152,34 @@ def _merge_options(selected: list[Pass], options: dict) -> dict:
 
 
 def _serialize(model: onnx.ModelProto) -> bytes | None:
-    """The model's bytes, or None over protobuf's 2 GB limit. Serialized once per stage and
-    shared by onnx.checker and onnxruntime (each serialization of ResNet-50 costs 0.25 s)."""
+    """The model's bytes, or None over protobuf's 2 GB limit or with external data
+    (model_io.serialize). Serialized once per stage and shared by onnx.checker and
+    onnxruntime (each serialization of ResNet-50 costs 0.25 s)."""
     return model_io.serialize(model)
 
 
-def _check_input(data: bytes | None) -> tuple[bool, str | None]:
+def _check_input(data: bytes | None, staged: V.Staged | None = None) -> tuple[bool, str | None]:
     """The input must pass onnx.checker; strict shape inference is used later only if it
-    passes that too (an exporter's harmless shape quirk must not block a fold)."""
-    if data is None:
+    passes that too (an exporter's harmless shape quirk must not block a fold). Without
+    bytes, the checker reads the staged copy."""
+    if data is None and staged is None:
         return False, "model over 2 GB: onnx.checker skipped (it cannot check such a model in memory)"
     try:
-        onnx.checker.check_model(data, full_check=True)
+        _run_checker(data if data is not None else staged, full_check=True)
         return True, None
     except Exception as strict:
         try:
-            onnx.checker.check_model(data)
+            _run_checker(data if data is not None else staged)
         except Exception as exc:
             raise NormfixError(f"invalid ONNX model: {V._first_line(exc)}") from None
         return False, f"input fails strict shape inference, later stages checked without it: {V._first_line(strict)}"
+
+
+def _run_checker(source: bytes | V.Staged, full_check: bool = False) -> None:
+    if isinstance(source, V.Staged):
+        source.check(full_check)
+    else:
+        onnx.checker.check_model(source, full_check=full_check)
 
 
 def _load_arrays(value, what: str):
@@ -210,12 +239,12 @@ def _stage_line(entry: dict) -> str:
 
 
 class _Snapshot:
-    """A stage's model as bytes (a copy over 2 GB), parsed back only when a check needs it,
-    plus the little the checks read of it directly."""
+    """A stage's model as bytes (none over 2 GB or with external data), parsed back only when
+    a check needs it, plus the little the checks read of it directly."""
 
     def __init__(self, model: onnx.ModelProto, data: bytes | None):
-        # Over 2 GB there are no bytes, and a copy would double the peak memory: such a
-        # stage is compared through its cached outputs only.
+        # Over 2 GB or with external data there are no bytes, and a copy would double the
+        # peak memory: such a stage is compared through its cached outputs only.
         self.data = data
         self._model = None
         self.random = V.random_nodes(model)
@@ -234,22 +263,29 @@ class _Stages:
     """Carries the previous stage (bytes and outputs) from one pass to the next, so each stage
     costs one serialization and one onnxruntime session (two where random draws are captured)."""
 
-    def __init__(self, model: onnx.ModelProto, options: V.Options, first: _Snapshot, full: bool = False):
+    def __init__(self, model: onnx.ModelProto, options: V.Options, first: _Snapshot, full: bool = False,
+                 path: str | None = None, external: bool = False):
         self.options = options
         self.full = full
+        self.external = external  # stages are staged as files, never serialized whole
         self.feeds = V.make_feeds(model, options.seed, options.shapes, options.inputs)
         self.prev = first
         self.current = True  # self.prev.data are the bytes of the model as it is now
         self.outputs: dict | None = None  # outputs of the previous stage on self.feeds
-        if not first.random:  # random draws are captured by the stage that needs them
-            self.outputs = self._run_input(model, first.data)
+        # the staged copy of the stage being checked, when it has no bytes (see V.Staged)
+        self.staged: V.Staged | None = None
+        self.path: str | None = None
+        # Random draws are captured by the stage that needs them; a graph over
+        # WHOLE_MODEL_NODES is checked at its rewrite sites, never as a whole session.
+        if not first.random and (full or first.node_count <= WHOLE_MODEL_NODES):
+            self.outputs = self._run_input(model, first.data, path)
 
-    def _run_input(self, model: onnx.ModelProto, data: bytes | None) -> dict | None:
+    def _run_input(self, model: onnx.ModelProto, data: bytes | None, path: str | None = None) -> dict | None:
         """Run the input once. If onnxruntime cannot load a model made of standard ops only,
         the input is broken (or newer than onnxruntime): stop and say so. Custom-domain
         models and models that crash onnxruntime are compared by no stage (`skipped`)."""
         try:
-            return V.run_model(model, self.feeds, serialized=data)
+            return V.run_model(model, self.feeds, serialized=data, path=path)
         except V.RuntimeCrashed:
             return None
         except V.RuntimeUnavailable as exc:
@@ -260,14 +296,25 @@ class _Stages:
                                "(use --no-validate to skip validation)") from None
 
     def check(self, p: Pass, result: PassResult, after: onnx.ModelProto, full_check: bool) -> dict:
+        try:
+            return self._check(p, result, after, full_check)
+        finally:
+            if self.staged is not None:
+                self.staged.cleanup()
+                self.staged, self.path = None, None
+
+    def _check(self, p: Pass, result: PassResult, after: onnx.ModelProto, full_check: bool) -> dict:
         preserving = p.preserves_outputs and not result.changes_outputs
         if result.rewrites == 0 and not result.input_bindings:
             self.current = False  # a pass may still have swept dead code: bytes are stale
             return {"status": "skipped", "reason": "nothing rewritten", "max_abs_diff": 0.0, "max_rel_diff": 0.0}
         self.current = True
-        before, data = self.prev, _serialize(after)
+        before, data = self.prev, (None if self.external else _serialize(after))
         self.prev = _Snapshot(after, data)
-        self._checker(p, data, full_check)
+        if data is None:  # written once, read by the checker and every onnxruntime run below
+            self.staged = V.Staged(after)
+            self.path = self.staged.path
+        self._checker(p, data if data is not None else self.staged, full_check)
         if (preserving and result.sites and not result.input_bindings and not self.full
                 and before.node_count > WHOLE_MODEL_NODES and before.data is not None):
             return self._check_sites(p, result, before.model, after)
@@ -276,8 +323,8 @@ class _Stages:
         needs = {n for b in result.input_bindings.values() for n in b.needs}
         extras = shared | needs
         if before.data is None and (extras or self.outputs is None or before.random):
-            return {"status": "skipped", "reason": "previous stage over 2 GB was not kept (its outputs "
-                    "could not be computed, or random draws would have to be captured)"}
+            return {"status": "skipped", "reason": "previous stage (external data or over 2 GB) was not kept "
+                    "(its outputs could not be computed, or random draws would have to be captured)"}
         try:
             # A model with random ops is re-run: its cached outputs are draws, not values.
             if extras or self.outputs is None or before.random:
@@ -300,7 +347,7 @@ class _Stages:
             if shared:
                 new = V.run_model(V.cut_random(after, {n: captured[n] for n in shared}), feeds)
             else:
-                new = V.run_model(after, feeds, serialized=data)
+                new = V.run_model(after, feeds, serialized=data, path=self.path)
         except V.RuntimeUnavailable as exc:  # the previous stage ran: the pass broke the model
             raise ValidationError(f"after pass {p.name}, onnxruntime cannot load the model: {exc}", stage=p.name) from None
         except NormfixError as exc:
@@ -339,7 +386,7 @@ class _Stages:
             return None
         doubled = {k: (np.concatenate([v, v]) if k in grown else v) for k, v in feeds.items()}
         try:
-            got = V.run_model(after, doubled, serialized=data)
+            got = V.run_model(after, doubled, serialized=data, path=self.path)
         except (V.RuntimeUnavailable, NormfixError) as exc:
             raise ValidationError(f"pass {p.name} made the batch symbolic, but the model fails at batch "
                                   f"{len(doubled[grown[0]])}: {exc}", stage=p.name) from None
@@ -370,11 +417,12 @@ class _Stages:
         return {"status": "passed", **verdict}
 
     @staticmethod
-    def _checker(p: Pass, data: bytes | None, full_check: bool) -> None:
-        if data is None:  # over 2 GB: the checker cannot take it in memory
+    def _checker(p: Pass, data: bytes | V.Staged | None, full_check: bool) -> None:
+        """`data`: the model's bytes, or its staged copy."""
+        if data is None:
             return
         try:
-            onnx.checker.check_model(data, full_check=full_check)
+            _run_checker(data, full_check=full_check)
         except Exception as exc:
             raise ValidationError(f"pass {p.name} produced an invalid model: {V._first_line(exc)}", stage=p.name) from None
 

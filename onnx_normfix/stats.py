@@ -395,7 +395,8 @@ def estimate_stats(
     Run it on the model *before* its InstanceNormalization nodes are replaced, so upstream
     norms use per-instance statistics as they did during training.
     """
-    from .validate import RuntimeUnavailable, run_model
+    from . import model_io
+    from .validate import Staged
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -416,7 +417,9 @@ def estimate_stats(
         if name not in outputs:
             graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, fallback), None))
 
-    serialized = probe.SerializeToString()
+    # bytes for an ordinary model; a model still reading external data (or over 2 GB) is
+    # staged once as files for all the batches
+    serialized = model_io.serialize(probe)
     feeds = {i.name: _cast_feed(data[i.name], i) for i in inputs}
     samples = next(iter(feeds.values())).shape[0] if feeds else 1
     batch = _fixed_batch(inputs) or samples
@@ -426,12 +429,27 @@ def estimate_stats(
         )
 
     wanted = list(dict.fromkeys(tensors))
+    staged = Staged(probe) if serialized is None else None
+    try:
+        sums, counts = _accumulate(probe, feeds, wanted, batch, samples, serialized, staged)
+    finally:
+        if staged is not None:
+            staged.cleanup()
+    return {
+        name: ((s[0] / counts[name]).astype(np.float32), (s[1] / counts[name]).astype(np.float32))
+        for name, s in sums.items()
+    }
+
+
+def _accumulate(probe, feeds, wanted, batch, samples, serialized, staged):
+    from .validate import RuntimeUnavailable, run_model
+
     sums = {t: None for t in wanted}
     counts = dict.fromkeys(wanted, 0)
     for start in range(0, samples, batch):
         chunk = {k: v[start : start + batch] for k, v in feeds.items()}
         try:  # in the validator's onnxruntime worker: a crash there cannot take us down
-            out = run_model(probe, chunk, serialized=serialized)
+            out = run_model(probe, chunk, serialized=serialized, path=staged and staged.path)
         except RuntimeUnavailable as exc:
             raise NormfixError(f"estimate_stats: onnxruntime cannot load the model ({exc})") from None
         except NormfixError as exc:
@@ -443,10 +461,7 @@ def estimate_stats(
                 raise NormfixError(f"estimate_stats: {name!r} changes channel count between batches")
             sums[name] = (mean, var) if sums[name] is None else (sums[name][0] + mean, sums[name][1] + var)
             counts[name] += value.shape[0]
-    return {
-        name: ((s[0] / counts[name]).astype(np.float32), (s[1] / counts[name]).astype(np.float32))
-        for name, s in sums.items()
-    }
+    return sums, counts
 
 
 def _instance_moments(value: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:

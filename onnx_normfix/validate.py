@@ -224,14 +224,41 @@ def start_worker() -> None:
     _WORKER.start()
 
 
-def _large_source(model: onnx.ModelProto, tmp: str) -> str:
-    from onnx import external_data_helper
+class Staged:
+    """`model` written to a temporary folder as `.onnx` + external data, for onnxruntime and
+    onnx.checker when it has no bytes of its own (over 2 GB, or still reading external data
+    by absolute path, which both refuse). Unchanged tensors are copied file to file by the
+    kernel (no memory in this process); tensors held in memory are written once. Not hard
+    links: onnx refuses to load a data file with several links ("hardlink attack"), so a
+    killed run would leave the user's own model unloadable; not symbolic links or absolute
+    paths: onnxruntime and onnx.checker refuse both. Use as a context manager; the folder is
+    removed on exit."""
 
-    path = f"{tmp}/model.onnx"
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
-    external_data_helper.load_external_data_for_model(model, tmp)  # save moved the data out
-    return path
+    def __init__(self, model: onnx.ModelProto):
+        import tempfile
+        from pathlib import Path
+
+        self._dir = tempfile.TemporaryDirectory(prefix="onnx_normfix_")
+        try:
+            model_io.write_external(model, Path(self._dir.name), "model.onnx", "model.onnx.data")
+        except BaseException:
+            self._dir.cleanup()
+            raise
+        self.path = f"{self._dir.name}/model.onnx"
+
+    def check(self, full_check: bool = False) -> None:
+        """onnx.checker on the staged model (raises what it raises; it does not read tensor
+        data, so this costs what checking the small `.onnx` costs)."""
+        onnx.checker.check_model(self.path, full_check=full_check)
+
+    def cleanup(self) -> None:
+        self._dir.cleanup()
+
+    def __enter__(self) -> "Staged":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
 
 
 def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
@@ -243,19 +270,23 @@ def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     return m
 
 
-def run_model(model: onnx.ModelProto, feeds: dict, extra_outputs=(), serialized: bytes | None = None) -> dict:
+def run_model(model: onnx.ModelProto, feeds: dict, extra_outputs=(), serialized: bytes | None = None,
+              path: str | None = None) -> dict:
     """Run on onnxruntime (optimizations disabled, in the worker process); returns
-    {output name: array}. Raises RuntimeUnavailable if onnxruntime cannot load the model
+    {output name: array}. `serialized` (the model's bytes) or `path` (a `Staged` file of it)
+    save a serialization. Raises RuntimeUnavailable if onnxruntime cannot load the model
     (RuntimeCrashed if it died on it), NormfixError if the feeds do not fit it."""
     if extra_outputs:
-        model, serialized = with_outputs(model, extra_outputs), None
+        model, serialized, path = with_outputs(model, extra_outputs), None, None
+    if path is not None:
+        return _WORKER.run(str(path), feeds)
+    if serialized is not None and model is not None and model_io.references_files(serialized, model):
+        serialized = None  # raw SerializeToString of a model reading external data by absolute path
     if serialized is None:
         serialized = model_io.serialize(model)
-        if serialized is None:  # over protobuf's 2 GB: onnxruntime reads external data
-            import tempfile
-
-            with tempfile.TemporaryDirectory(prefix="onnx_normfix_") as tmp:
-                return _WORKER.run(_large_source(model, tmp), feeds)
+        if serialized is None:  # over 2 GB or external data: onnxruntime reads it from files
+            with Staged(model) as staged:
+                return _WORKER.run(staged.path, feeds)
     return _WORKER.run(serialized, feeds)
 
 

@@ -178,6 +178,9 @@ def _fold_matmul(idx, node, add, s, t) -> str | None:
 
 def _scaled(w: np.ndarray, factor: np.ndarray) -> np.ndarray:
     if w.dtype in (np.float32, np.float64):
+        if w.flags.writeable:  # a fresh read of external data (GraphIndex.constant only
+            w *= factor.astype(w.dtype)  # shares read-only arrays): no second weight-sized copy
+            return w
         return w * factor.astype(w.dtype)
     return (w.astype(np.float64) * factor).astype(w.dtype)
 

@@ -10,9 +10,11 @@ x @ W = sum(x) * a. The fold scales columns (W'[:, j] = a[j] * s[j]), so a scale
 the wrong axis would be caught by any non-constant x.
 
 Skipped when the disk has less than 3.5x the model free (input, output, and the validator's
-temporary external-data copy) or the machine has less than 4x the model in available memory.
-Only correctness is asserted; the memory figure (summed RSS of the tool and its
-onnxruntime worker, sampled every 50 ms) is printed.
+staged copy) or the machine has less than 3x the model in available memory. The weights
+stay on disk while the pipeline runs (only the folded ones come into memory), the validator
+checks and runs a staged copy, and the save streams tensors out; the peak memory (summed
+RSS of the tool and its onnxruntime worker, sampled every 50 ms) must stay under 3x the
+model (about 2x measured; issue target 2.5x) and is printed.
 Run alone with `pytest tests/test_large_model.py -s -m slow`.
 """
 
@@ -137,8 +139,8 @@ def large(tmp_path_factory):
     free = shutil.disk_usage(root).free
     if free < 3.5 * MODEL_BYTES:
         pytest.skip(f"needs {3.5 * MODEL_BYTES / 2**30:.1f} GiB free disk, has {free / 2**30:.1f}")
-    if _mem_available() < 4 * MODEL_BYTES:
-        pytest.skip(f"needs {4 * MODEL_BYTES / 2**30:.1f} GiB available memory, has {_mem_available() / 2**30:.1f}")
+    if _mem_available() < 3 * MODEL_BYTES:
+        pytest.skip(f"needs {3 * MODEL_BYTES / 2**30:.1f} GiB available memory, has {_mem_available() / 2**30:.1f}")
     (root / "in").mkdir()
     (root / "out").mkdir()
     path, params = build(root / "in")
@@ -174,7 +176,9 @@ def test_large_model_is_folded_and_saved_with_external_data(large):
     report = json.loads((root / "report.json").read_text())
     (stage,) = report["passes"]
     assert stage["rewrites"] == len(LAYERS)
-    assert stage["validation"]["status"] in ("passed", "skipped"), stage["validation"]
+    assert stage["validation"]["status"] == "passed", stage["validation"]
+    assert stage["validation"]["checks"][0] == "checker"
+    assert "notes" not in report  # the input passed onnx.checker too
 
     # numbers: onnxruntime on the saved files against the exact float64 result
     import onnxruntime as ort
@@ -192,3 +196,4 @@ def test_large_model_is_folded_and_saved_with_external_data(large):
     print(f"\nlarge model: {MODEL_BYTES / 2**30:.2f} GiB of weights, {seconds:.1f} s, "
           f"peak RSS of the tool's process tree {peak / 2**30:.2f} GiB = {ratio:.2f}x the model; "
           f"validation {stage['validation']['status']}")
+    assert ratio < 3.0, f"peak memory {ratio:.2f}x the model"
