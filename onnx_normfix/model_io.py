@@ -386,18 +386,6 @@ def external_files(path: str | os.PathLike) -> set[Path]:
 
 
 # ---- saving --------------------------------------------------------------------------
-def needs_external_data(model: onnx.ModelProto) -> bool:
-    """True if `model` cannot be serialized in one piece. Under upb, `ByteSize()` costs as
-    much as serializing (0.4 s on a 100 MB model), so it is only asked near the limit: the
-    tensor payload, counted from shapes, is most of any real model."""
-    payload = _payload_bytes(model)
-    if payload >= PROTOBUF_LIMIT:
-        return True
-    if payload < PROTOBUF_LIMIT - (512 << 20):  # no real graph has 512 MB of structure
-        return False
-    return model.ByteSize() >= PROTOBUF_LIMIT
-
-
 def serialize(model: onnx.ModelProto) -> bytes | None:
     """The model's bytes, or None if it only fits with external data or still references
     external files (see the module docstring: such bytes would be useless to onnxruntime and

@@ -82,7 +82,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
         external = found["external_tensors"] > 0
     # a model with external data is never serialized whole, even once its external tensors
     # are all rewritten: that copy would double the peak memory (see model_io)
-    data = _serialize(work) if validate and not external else None
+    data = model_io.serialize(work) if validate and not external else None
     # no bytes (external data, or over 2 GB): onnx.checker and onnxruntime read a staged copy
     staged = V.Staged(work) if validate and data is None else None
     try:
@@ -149,13 +149,6 @@ def _merge_options(selected: list[Pass], options: dict) -> dict:
             raise NormfixError(f"unknown option {name!r}; known: {', '.join(sorted(known))}")
         merged[name] = value
     return merged
-
-
-def _serialize(model: onnx.ModelProto) -> bytes | None:
-    """The model's bytes, or None over protobuf's 2 GB limit or with external data
-    (model_io.serialize). Serialized once per stage and shared by onnx.checker and
-    onnxruntime (each serialization of ResNet-50 costs 0.25 s)."""
-    return model_io.serialize(model)
 
 
 def _check_input(data: bytes | None, staged: V.Staged | None = None) -> tuple[bool, str | None]:
@@ -309,7 +302,7 @@ class _Stages:
             self.current = False  # a pass may still have swept dead code: bytes are stale
             return {"status": "skipped", "reason": "nothing rewritten", "max_abs_diff": 0.0, "max_rel_diff": 0.0}
         self.current = True
-        before, data = self.prev, (None if self.external else _serialize(after))
+        before, data = self.prev, (None if self.external else model_io.serialize(after))
         self.prev = _Snapshot(after, data)
         if data is None:  # written once, read by the checker and every onnxruntime run below
             self.staged = V.Staged(after)

@@ -25,6 +25,7 @@ import onnx
 from .errors import NormfixError
 from .graph import RANDOM_OPS
 from . import model_io
+from .model_io import _first_line
 
 # (rtol, atol) by output element type. fp16 keeps ~3 decimal digits and a fold rounds its
 # weights once more, so a per-layer relative error of ~1e-3 is expected there.
@@ -384,10 +385,6 @@ def _compare_one(a: np.ndarray, b: np.ndarray, rtol, atol) -> dict:
         out["reason"] = f"max abs diff {max_abs:.3g} > atol {atol:g} + rtol {rtol:g} * max|ref| {scale:.3g}"
     return out
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 # ---- site-local checks ---------------------------------------------------------------
