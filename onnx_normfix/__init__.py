@@ -8,8 +8,11 @@ torch is imported only when a PyTorch checkpoint is read; onnxruntime only when 
 """
 
 from .errors import NormfixError, ValidationError
-from .registry import PASSES, InputBinding, Pass, PassContext, PassResult, register_pass
-from . import passes as _builtin_passes  # noqa: F401  (registers fold_bn, fix_inorm, replace_random)
+from .registry import (PASSES, Declined, InputBinding, Option, Pass, PassContext, PassResult, graphsurgeon_pass,
+                       register_pass)
+from ._install import check_passes_package
+
+_builtin_passes = check_passes_package()  # registers fold_bn, fix_inorm, replace_random
 from .noise import NOISE_METADATA_KEY, noise_feeds, save_noise_feeds
 from .pipeline import Result, optimize
 
@@ -22,6 +25,9 @@ __all__ = [
     "PassContext",
     "InputBinding",
     "register_pass",
+    "graphsurgeon_pass",
+    "Option",
+    "Declined",
     "NormfixError",
     "ValidationError",
     "noise_feeds",

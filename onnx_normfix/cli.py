@@ -43,17 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reference", metavar="FILE.npz",
                    help="expected outputs for --inputs (e.g. from PyTorch); the final model must match them")
     g.add_argument("--seed", type=int, default=0, help="seed for generated feeds and constant noise (default 0)")
-    f = p.add_argument_group("fix_inorm")
-    f.add_argument("--stats", metavar="CKPT", help="checkpoint with the InstanceNorm running stats (.pt/.pth/.ckpt/.npz/.safetensors)")
-    f.add_argument("--stats-key", metavar="KEY", help="which part of the checkpoint holds the model (e.g. G, or a/b/G)")
-    f.add_argument("--calibration-data", metavar="FILE.npz", help="estimate running stats from sample inputs (no checkpoint)")
-    f.add_argument("--allow-partial", action="store_true", help="fix the norms that match, leave the rest (noted in the report)")
-    f.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension symbolic again where norms fixed it")
-    r = p.add_argument_group("replace_random")
-    r.add_argument("--random-mode", choices=["input", "constant", "mean"], help="noise as a graph input (default), a seeded constant, or the mean")
-    r.add_argument("--noise-feeds", metavar="FILE.npz", help="also write seeded noise feeds for the output model's noise inputs")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE.py",
+                   help="import a module that registers passes (repeatable); installed packages can also "
+                        "declare an 'onnx_normfix.passes' entry point")
+    from .pass_flags import add_pass_arguments
+
+    add_pass_arguments(p)  # one group per registered pass, from the pass's own options
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
+    o.add_argument("--noise-feeds", metavar="FILE.npz",
+                   help="also write seeded feeds for the output model's noise inputs (made by replace_random)")
     o.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     o.add_argument("-v", "--verbose", action="store_true", help="also print per-site notes and per-output figures")
     o.add_argument("--debug", action="store_true", help="show a traceback on errors")
@@ -85,17 +84,10 @@ def _options(args) -> dict:
     shapes = _shapes(args.input_shape)
     if shapes:
         opts["input_shapes"] = {k: (v[0] if len(v) == 1 else v) for k, v in shapes.items()}
-    pass_flags = {"fix_inorm": {"stats": args.stats, "calibration_data": args.calibration_data,
-                                "stats_key": args.stats_key, "allow_partial": args.allow_partial or None, "dynamic_batch": args.dynamic_batch or None},
-                  "replace_random": {"random_mode": args.random_mode}}
-    from .errors import NormfixError
+    from .pass_flags import pass_options_from_args
+    from .registry import canonical_pass_name
 
-    for pass_name, flags in pass_flags.items():
-        given = {k: v for k, v in flags.items() if v is not None}
-        if given and pass_name not in names:
-            flag = "--" + next(iter(given)).replace("_", "-")
-            raise NormfixError(f"{flag} applies to pass {pass_name}, which is not in --passes")
-        opts.update(given)
+    opts.update(pass_options_from_args(args, {canonical_pass_name(n) for n in names}))
     return opts
 
 
@@ -119,6 +111,14 @@ def _print_summary(report: dict, verbose: bool, out) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        from .pass_flags import load_plugins
+
+        load_plugins(argv)  # before the parser: plugin passes bring their own flags
+    except Exception as exc:
+        print(f"onnx-normfix: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -147,9 +147,11 @@ def _main(args, parser) -> int:
     from .model_io import check_output_path, external_files, save_model
 
     if args.list_passes:
-        for p in sorted(onnx_normfix.PASSES.values(), key=lambda p: p.order):
-            kind = "preserves outputs" if p.preserves_outputs else "changes outputs"
-            print(f"{p.name:<15} {p.summary} [{kind}]")
+        from .pass_flags import describe
+        from .registry import order_passes
+
+        for p in order_passes(onnx_normfix.PASSES.values()):
+            print(describe(p))
         return EXIT_OK
     if not args.input or not args.output:
         parser.error("IN.onnx and OUT.onnx are required")

@@ -24,7 +24,7 @@ import onnx
 
 from . import model_io, validate as V
 from .errors import NormfixError, ValidationError
-from .registry import PASSES, Pass, PassContext, PassResult, resolve_passes
+from .registry import Pass, PassContext, PassResult, resolve_passes, split_options
 
 CORE_OPTIONS = {"seed": 0, "rtol": None, "atol": None, "input_shapes": None, "inputs": None,
                 "reference": None, "progress": None, "full_validation": False}
@@ -63,7 +63,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
     feeds -> outputs), progress (callable taking a message), plus each pass's own options
     (see `PASSES[name].options`). Raises NormfixError / ValidationError."""
     selected = resolve_passes(passes)
-    opts = _merge_options(selected, options)
+    opts, pass_options = split_options(selected, options, CORE_OPTIONS)
     say: Callable[[str], None] = opts["progress"] or (lambda message: None)
 
     t0 = time.perf_counter()
@@ -103,12 +103,11 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
     for k, p in enumerate(selected, 1):
         say(f"[{k}/{len(selected)}] {p.name}: running on {len(work.graph.node)} nodes")
         t = time.perf_counter()
-        pass_opts = {name: opts[name] for name in p.options}
-        pass_opts["seed"] = opts["seed"]
+        pass_opts = {**pass_options[p.name], "seed": opts["seed"]}  # its own options, and the seed
         if p.prepare is not None:
             pass_opts = p.prepare(work, pass_opts)
         nodes_before = len(work.graph.node)
-        result = p.run(work, PassContext(options=pass_opts, log=say))
+        result = p.apply(work, PassContext(options=pass_opts, log=say))
         if not isinstance(result, PassResult):
             raise NormfixError(f"pass {p.name} returned {type(result).__name__}, not a PassResult")
         entry = {"name": p.name, "rewrites": result.rewrites, "notes": list(result.notes),
@@ -131,24 +130,6 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
     report["seconds"] = round(time.perf_counter() - t0, 3)
     current = stage.prev.data if stage is not None and stage.current else None
     return Result(model=work, report=report, serialized=current, external_data=external)
-
-
-def _merge_options(selected: list[Pass], options: dict) -> dict:
-    known = dict(CORE_OPTIONS)
-    owners: dict[str, str] = {}
-    for p in PASSES.values():
-        for name in p.options:
-            owners.setdefault(name, p.name)
-    for p in selected:
-        known.update(p.options)
-    merged = dict(known)
-    for name, value in options.items():
-        if name not in known:
-            if name in owners:
-                raise NormfixError(f"option {name!r} belongs to pass {owners[name]!r}, which was not requested")
-            raise NormfixError(f"unknown option {name!r}; known: {', '.join(sorted(known))}")
-        merged[name] = value
-    return merged
 
 
 def _check_input(data: bytes | None, staged: V.Staged | None = None) -> tuple[bool, str | None]:

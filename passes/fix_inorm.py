@@ -39,7 +39,7 @@ import onnx
 from onnx_normfix.errors import NormfixError
 from onnx_normfix.graph import GraphIndex, without_weights, opset_of, set_attr, stamp
 from onnx_normfix.inorm_match import find_tiled_norm, match_modules, norm_nodes, scope_paths
-from onnx_normfix.registry import Pass, PassContext, PassResult, register_pass
+from onnx_normfix.registry import Option, Pass, PassContext, PassResult, register_pass
 
 NAME = "fix_inorm"
 BATCH_DIM = "batch"
@@ -226,8 +226,21 @@ PASS = register_pass(Pass(
     summary="restore InstanceNorm running stats (old-style exports) and collapse the exporters' "
             "Reshape/BatchNormalization(N*C)/Reshape patterns into BatchNormalization over C",
     preserves_outputs=True,  # the pattern collapse does; an old-style repair sets changes_outputs
+    changes_outputs="when it restores running stats an old exporter dropped",
     run=_run,
-    order=20,
-    options={"stats": None, "stats_key": None, "calibration_data": None, "allow_partial": False, "dynamic_batch": False},
+    options=[
+        Option("stats", None, str, "checkpoint with the InstanceNorm running stats (.pt/.pth/.ckpt/.npz/.safetensors)",
+               metavar="CKPT"),
+        Option("stats_key", None, str, "which part of the checkpoint holds the model (e.g. G, or a/b/G)", metavar="KEY"),
+        Option("calibration_data", None, str, "estimate running stats from sample inputs (no checkpoint)",
+               metavar="FILE.npz"),
+        Option("allow_partial", False, bool, "fix the norms that match, leave the rest (noted in the report)"),
+        Option("dynamic_batch", False, bool, "make the batch dimension symbolic again where norms fixed it"),
+    ],
     prepare=_prepare,
+    # BatchNormalizations it makes are folded by fold_bn; InstanceNormalizations other passes
+    # make (fuse_norms) reach it; random ops are replaced first, so calibration is deterministic
+    creates={"BatchNormalization"},
+    runs_after_creators_of={"InstanceNormalization"},
+    runs_after={"replace_random"},
 ))

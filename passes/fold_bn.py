@@ -230,6 +230,7 @@ PASS = register_pass(
         summary="Fold inference BatchNormalization into the Conv, ConvTranspose, Gemm or MatMul before it.",
         preserves_outputs=True,
         run=_run,
-        order=30,
+        # every BatchNormalization another pass creates (fix_inorm, a user's pass) gets folded
+        runs_after_creators_of={"BatchNormalization"},
     )
 )

@@ -34,7 +34,7 @@ from onnx import TensorProto, helper
 from onnx_normfix.errors import NormfixError
 from onnx_normfix.graph import GraphIndex, attr, opset_of, stamp, subgraph_inputs
 from onnx_normfix.noise import draw_standard_noise, write_noise_entries
-from onnx_normfix.registry import InputBinding, Pass, PassContext, PassResult, register_pass
+from onnx_normfix.registry import InputBinding, Option, Pass, PassContext, PassResult, register_pass
 
 NAME = "replace_random"
 HANDLED = ("RandomNormalLike", "RandomNormal", "RandomUniformLike", "RandomUniform", "Bernoulli")
@@ -234,8 +234,11 @@ PASS = register_pass(
         name=NAME,
         summary="replace random ops by a seeded noise input (or a constant, or the mean)",
         preserves_outputs=True,
+        changes_outputs="with --random-mode constant or mean (the draws become fixed values)",
         run=run,
-        order=10,
-        options={"random_mode": "input", "seed": 0},
+        options=[Option("random_mode", "input", str, "noise as a graph input (default), a seeded constant, or the mean",
+                        choices=("input", "constant", "mean"))],
+        # the noise it draws feeds every later pass's checks: run before the passes that rewrite
+        runs_before={"fix_inorm", "fold_bn"},
     )
 )

@@ -20,9 +20,9 @@ def temp_pass():
     """Register passes for one test only."""
     added = []
 
-    def add(name, run, preserves=True, order=50):
+    def add(name, run, preserves=True, **declared):
         added.append(name)
-        return nf.register_pass(Pass(name, f"test pass {name}", preserves, run, order=order))
+        return nf.register_pass(Pass(name, f"test pass {name}", preserves, run, **declared))
 
     yield add
     for name in added:
@@ -62,8 +62,8 @@ def test_user_model_proto_is_never_modified():
 
 def test_passes_run_in_pipeline_order_whatever_order_they_are_named(temp_pass):
     seen = []
-    temp_pass("late_probe", lambda m, c: seen.append("late") or PassResult(), order=90)
-    temp_pass("early_probe", lambda m, c: seen.append("early") or PassResult(), order=5)
+    temp_pass("late_probe", lambda m, c: seen.append("late") or PassResult(), runs_after={"fold_bn"})
+    temp_pass("early_probe", lambda m, c: seen.append("early") or PassResult(), runs_before={"fold_bn"})
     rep = nf.optimize(conv_bn_model(), passes=["late_probe", "fold_bn", "early_probe"]).report
     assert [p["name"] for p in rep["passes"]] == ["early_probe", "fold_bn", "late_probe"]
     assert seen == ["early", "late"]

@@ -784,7 +784,7 @@ def test_wrong_noise_binding_is_caught(temp_pass):
             binding.make_feed = lambda captured, make=make: -make(captured)
         return result
 
-    temp_pass("lying_binding", lying, order=10, options=dict(replace_random.PASS.options))
+    temp_pass("lying_binding", lying, order=10)
     with pytest.raises(nf.ValidationError, match="'y'") as info:
         nf.optimize(_random_model(), passes=["lying_binding"])
     assert {n for n, e in info.value.details["outputs"].items() if not e["ok"]} == {"y"}
