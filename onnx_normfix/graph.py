@@ -163,6 +163,9 @@ class GraphIndex:
         self.producer, self.consumers, self.used_names = producer, consumers, used
         self._const_cache: dict[str, np.ndarray | None] = {}
         self._removed: set[int] = set()
+        self._inserted: dict[int | None, list[onnx.NodeProto]] = {}
+        # a pass that edits nodes in place (no remove/replace) sets this so commit() sweeps
+        self.changed = False
         self._value_types: dict[str, onnx.TypeProto] | None = None
 
     # ---- queries -----------------------------------------------------------------------
@@ -295,14 +298,86 @@ class GraphIndex:
     def remove(self, node: onnx.NodeProto) -> None:
         self._removed.add(id(node))
 
-    def commit(self) -> int:
-        """Drop removed nodes, then every node, initializer and value_info left unused.
+    # ---- matching ------------------------------------------------------------------------
+    def parent(self, node: onnx.NodeProto, index: int, op_type: str | None = None) -> onnx.NodeProto | None:
+        """The node producing `node.input[index]` (of `op_type`, if given), else None."""
+        if index >= len(node.input) or not node.input[index]:
+            return None
+        p = self.producer.get(node.input[index])
+        if p is None or p.domain not in _ONNX_DOMAINS or (op_type is not None and p.op_type != op_type):
+            return None
+        return p
 
-        Returns the number of nodes dropped. One backward sweep: linear in graph size.
+    def match_parents(self, node: onnx.NodeProto, path) -> list[onnx.NodeProto] | None:
+        """Follow a chain upward: `path` is [(op_type, input_index), ...]; step k requires that
+        input `input_index` of the previous node (`node` first) is produced by an `op_type`
+        node. `input_index` None tries every input. Returns the matched nodes, or None.
+
+            ix.match_parents(div, [("Sqrt", 1), ("Add", 0), ("ReduceMean", None)])
         """
+        chain, current = [], node
+        for op_type, index in path:
+            indices = range(len(current.input)) if index is None else (index,)
+            found = next((p for k in indices if (p := self.parent(current, k, op_type)) is not None), None)
+            if found is None:
+                return None
+            chain.append(found)
+            current = found
+        return chain
+
+    def consumers_of(self, node: onnx.NodeProto, op_type: str | None = None) -> list[onnx.NodeProto]:
+        """Nodes reading any output of `node` (of `op_type`, if given)."""
+        seen, out = set(), []
+        for o in node.output:
+            for c in self.consumers.get(o, ()):
+                if id(c) not in seen and (op_type is None or c.op_type == op_type):
+                    seen.add(id(c))
+                    out.append(c)
+        return out
+
+    # ---- queued edits ----------------------------------------------------------------------
+    def replace(self, node: onnx.NodeProto, new_nodes) -> None:
+        """Queue: `node` is removed and `new_nodes` take its place (applied by `commit`)."""
+        self._removed.add(id(node))
+        self._inserted.setdefault(id(node), []).extend(new_nodes)
+
+    def insert(self, new_nodes, before: onnx.NodeProto | None = None) -> None:
+        """Queue new nodes, placed before `before` (default: at the end); `commit` then puts the
+        graph in topological order if they read tensors produced later."""
+        key = id(before) if before is not None else None
+        self._inserted.setdefault(key, []).extend(new_nodes)
+
+    def commit(self, sweep: bool | None = None) -> int:
+        """Apply queued removals, replacements and insertions, then (when something was edited,
+        or `sweep=True`) drop every node, initializer and value_info left unused. Graph inputs
+        always stay.
+
+        Returns the number of nodes dropped. Linear in graph size.
+        """
+        edited = bool(self._removed or self._inserted)
+        if sweep is None:
+            sweep = edited or self.changed
+        if not sweep and not edited:
+            return 0
         g = self.graph
         before = len(g.node)
-        kept = [n for n in g.node if id(n) not in self._removed]
+        reordered = bool(self._inserted)
+        if reordered:
+            kept = []
+            for n in g.node:
+                kept.extend(self._inserted.get(id(n), ()))
+                if id(n) not in self._removed:
+                    kept.append(n)
+            kept.extend(self._inserted.get(None, ()))
+            kept = _toposorted(kept, {i.name for i in g.input} | set(self.initializers))
+            self._inserted.clear()
+        else:
+            kept = [n for n in g.node if id(n) not in self._removed]
+        if not sweep:
+            del g.node[:]
+            g.node.extend(kept)
+            self._removed.clear()
+            return before - len(g.node)
         live = set(self.graph_outputs)
         alive_nodes = []
         for node in reversed(kept):
@@ -311,7 +386,7 @@ class GraphIndex:
                 live.update(i for i in node.input if i)
                 live |= subgraph_inputs(node)
         alive_nodes.reverse()
-        if len(alive_nodes) != len(g.node):
+        if reordered or len(alive_nodes) != len(g.node):
             del g.node[:]
             g.node.extend(alive_nodes)
         dead_inits = [t.name for t in g.initializer if t.name not in live]
@@ -333,7 +408,43 @@ class GraphIndex:
             del g.value_info[:]
             g.value_info.extend(keep_vi)
         self._removed.clear()
+        self.changed = False
         return before - len(g.node)
+
+
+def _toposorted(nodes: list, available: set) -> list:
+    """`nodes` in a topological order, keeping the given order wherever it already is one.
+    Linear when the order is already valid (the common case)."""
+    produced_at = {}
+    for k, n in enumerate(nodes):
+        for o in n.output:
+            if o:
+                produced_at[o] = k
+    if all(produced_at.get(i, -1) < k for k, n in enumerate(nodes) for i in n.input if i and i not in available):
+        return nodes
+    import heapq
+
+    waiting = {}
+    users = defaultdict(list)
+    for k, n in enumerate(nodes):
+        deps = {produced_at[i] for i in list(n.input) + sorted(subgraph_inputs(n))
+                if i and i in produced_at and produced_at[i] != k}
+        waiting[k] = len(deps)
+        for d in deps:
+            users[d].append(k)
+    ready = [k for k, c in waiting.items() if c == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        k = heapq.heappop(ready)
+        out.append(nodes[k])
+        for u in users[k]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(out) != len(nodes):
+        raise ValueError("the edited graph has a cycle")
+    return out
 
 
 def _has_effects(node: onnx.NodeProto) -> bool:

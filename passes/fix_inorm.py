@@ -102,7 +102,7 @@ def _run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
             ix.remove(site.tail)
         result.details["patterns"].append({"node": site.bn.name, "exporter": site.exporter,
                                            "channels": site.channels, "batch": site.batch})
-    ix.commit()
+    ix.commit(sweep=bool(old_style or patterns))  # nothing rewritten: leave the graph as it came
     result.rewrites = len(old_style) + len(patterns)
     result.changes_outputs = bool(old_style)
     if patterns:

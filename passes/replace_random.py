@@ -213,7 +213,7 @@ def run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
     nodes = [m for n in model.graph.node for m in replacements.get(id(n), [n])]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    gi.commit()
+    gi.commit(sweep=True)  # the node list was rebuilt above
     write_noise_entries(model, entries)
     result.rewrites = len(plans)
     result.changes_outputs = True if mode != "input" else None

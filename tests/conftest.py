@@ -45,6 +45,25 @@ def conv_bn_model(channels=4, opset=17, batch="N", with_relu=True, seed=0) -> on
 
 
 @pytest.fixture
+def temp_pass():
+    """Register passes for one test only: `temp_pass(name, run, preserves=True, **declared)`
+    (or `temp_pass(a_pass)`); they are unregistered when the test ends."""
+    from onnx_normfix.registry import PASSES, Pass, register_pass
+
+    added = []
+
+    def add(name_or_pass, run=None, preserves=True, **declared):
+        p = name_or_pass if isinstance(name_or_pass, Pass) else Pass(name_or_pass, f"test pass {name_or_pass}",
+                                                                      preserves, run, **declared)
+        added.append(p.name)
+        return register_pass(p)
+
+    yield add
+    for name in added:
+        PASSES.pop(name, None)
+
+
+@pytest.fixture
 def conv_bn_file(tmp_path) -> Path:
     path = tmp_path / "conv_bn.onnx"
     onnx.save(conv_bn_model(), path)

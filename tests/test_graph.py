@@ -74,9 +74,23 @@ def test_commit_sweeps_dead_chains_but_keeps_live_and_custom_nodes():
                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
                [numpy_helper.from_array(np.ones(2, np.float32), "unused")])
     ix = GraphIndex(m)
-    assert ix.commit() == 2
+    assert ix.commit(sweep=True) == 2
     assert [n.op_type for n in m.graph.node] == ["Relu", "Probe"]
     assert not m.graph.initializer
+
+
+def test_commit_without_edits_leaves_the_graph_as_it_came():
+    nodes = [helper.make_node("Constant", [], ["dead_c"], value=numpy_helper.from_array(np.ones(2, np.float32))),
+             helper.make_node("Relu", ["x"], ["y"])]
+    m = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+               [numpy_helper.from_array(np.ones(2, np.float32), "unused")])
+    before = m.SerializeToString()
+    assert GraphIndex(m).commit() == 0
+    assert m.SerializeToString() == before
+    ix = GraphIndex(m)
+    ix.changed = True  # an in-place edit: the sweep runs
+    assert ix.commit() == 1 and not m.graph.initializer
 
 
 def test_unique_names_never_collide():
