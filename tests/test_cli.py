@@ -130,7 +130,12 @@ def test_validation_failure_exit_1_names_pass_output_and_writes_nothing(conv_bn_
     err = capsys.readouterr().err
     assert_one_line_error(err, "negate_cli", "'y'", "max abs diff")
     assert not out.exists()
-    assert json.loads(report.read_text())["stage"] == "negate_cli"
+    rep = json.loads(report.read_text())
+    assert rep["status"] == "validation_failed" and rep["exit_code"] == 1 and rep["output"] is None
+    assert rep["error"]["kind"] == "validation" and rep["error"]["stage"] == "negate_cli"
+    assert [p["name"] for p in rep["passes"]] == ["fold_bn", "negate_cli"]
+    assert rep["passes"][0]["validation"]["status"] == "passed"
+    assert rep["passes"][1]["validation"]["status"] == "failed"
 
 
 def test_in_equals_out_is_replaced_atomically(tmp_path, capsys):
