@@ -319,11 +319,11 @@ def _main(args, run: _Run) -> int:
         if Path(args.report).resolve() in {Path(args.input).resolve(), Path(args.output).resolve()}:
             raise NormfixError(f"--report {args.report} is the same file as IN or OUT")
         run.report_ready = True
+    run.files["input"] = _sizes(args.input)
     out = check_output_path(args.output)
     run.names = _pass_names(args.passes)
     run.opts = _options(args, run.names)
     _check_paths(args, out)
-    run.files["input"] = _sizes(args.input)
     _check_input_kind(args.input)
     # external data lives inside the input's folder (load_model enforces it): only an
     # existing file there can be one, and only then is the input parsed a second time

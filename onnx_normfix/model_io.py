@@ -608,8 +608,14 @@ def _save_external(model: onnx.ModelProto, out: Path, folder: Path, threshold: i
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{out.name}."))
     staged: Path | None = None
     try:
-        if not conflict:
+        if not conflict or not _any_external(model, threshold):
             moved = write_external(model, staging, out.name, location, threshold)
+            if not moved:  # every tensor under the threshold: one self-contained file
+                _finish(staging / out.name, onnx_mode)
+                os.replace(staging / out.name, out)
+                _fsync_dir(folder)
+                return {"data_file": None, "replaced": replaced[:1] if out in map(Path, replaced) else [],
+                        **_retire(out, old, set(), set(protect) | (sources - old))}
             _finish(staging / location, data_mode)
             _finish(staging / out.name, onnx_mode)
             os.replace(staging / location, folder / location)
@@ -644,7 +650,13 @@ def _save_external(model: onnx.ModelProto, out: Path, folder: Path, threshold: i
     for tensor, written in moved:
         _, offset, length = _external_info(written)
         _set_external(tensor, str(target), offset, length)
-    return {"data_file": location, "replaced": replaced, **_retire(out, old, {target}, set(protect) | sources)}
+    return {"data_file": location, "replaced": replaced, **_retire(out, old, {target}, set(protect) | (sources - old))}
+
+
+def _any_external(model: onnx.ModelProto, threshold: int) -> bool:
+    """Whether `write_external` would put any tensor in the data file."""
+    return any(_is_external(t) or (t.HasField("raw_data") and _raw_size(t) >= threshold)
+               for t, _ in _all_tensors(model))
 
 
 def _finish(path: Path, mode: int) -> None:

@@ -69,6 +69,9 @@ class Pass:
     order: int = 100
     options: Mapping[str, Any] = field(default_factory=dict)
     prepare: Callable[[onnx.ModelProto, dict], dict] | None = None
+    # How the pass treats outputs, in words, when "preserves outputs"/"changes outputs" is
+    # not the whole truth (a pass that changes them in some modes): --list-passes shows it.
+    outputs_note: str | None = None
 
 
 PASSES: dict[str, Pass] = {}

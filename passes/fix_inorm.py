@@ -258,4 +258,6 @@ PASS = register_pass(Pass(
     order=20,
     options={"stats": None, "stats_key": None, "calibration_data": None, "allow_partial": False, "dynamic_batch": False},
     prepare=_prepare,
+    outputs_note="changes outputs when it restores running stats (old style, on purpose); "
+                 "preserves them when it collapses exporter patterns",
 ))

@@ -237,5 +237,7 @@ PASS = register_pass(
         run=run,
         order=10,
         options={"random_mode": "input", "seed": 0},
+        outputs_note="preserves outputs given the noise input (mode input, proven on the original's draws); "
+                     "changes them in modes constant and mean",
     )
 )
