@@ -34,4 +34,17 @@ __all__ = [
     "save_noise_feeds",
     "NOISE_METADATA_KEY",
 ]
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml is the one source); a bare
+    checkout without an install says so."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("onnx-normfix")
+    except metadata.PackageNotFoundError:
+        return "0+unknown (not installed: run pip install -e .)"
+
+
+__version__ = _version()

@@ -28,8 +28,10 @@ def _write(stream, obj) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    """onnxruntime's whole message on one line: its later lines hold the facts (e.g.
+    `index: 1 Got: 4 Expected: 3`)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 2000 else text[:1997] + "..."
 
 
 def serve(inp, out) -> None:

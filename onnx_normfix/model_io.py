@@ -24,20 +24,21 @@ their source files (kernel-side, no copy in this process) and appending changed 
 
 The output uses external data when the model still references external files, when the
 caller says so (`external=True`: the pipeline does for every input that had external data,
-even once every external tensor has been rewritten), or when it is over protobuf's 2 GB
-limit. It is written to `<name>.data` beside the `.onnx` (data first, the .onnx renamed
-last); when the target already exists and uses that data file (IN == OUT, or re-running into
-the same output), or the model still reads from it, the new data goes to the alternate name
-`<name>.alt.data`, so the old `.onnx` never points at new data and no source is overwritten
-before it has been copied (see `_data_name`). After a successful save, the in-memory model's
-external tensors point at the file just written (absolute path), so it stays usable even when
-the save deleted the data file it was loaded from.
+even once every external tensor has been rewritten; `--external-data`), or when it is over
+protobuf's 2 GB limit; `external=False` (`--no-external-data`) forces one file. The data file
+is always `<OUT name>.data` beside the `.onnx` (a stable name deploy scripts can copy). It
+never overwrites a file of that name that the existing OUT does not read (another model may:
+refused, see `check_data_path`), and the data the existing OUT reads is never overwritten
+before a new OUT that does not read it is in place (see `_save_external`). Written files get
+the mode the umask gives, or keep the mode of the file they replace. After a successful save,
+the in-memory model's external tensors point at the file just written (absolute path).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -424,35 +425,126 @@ def _payload_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def check_output_path(path: str | os.PathLike) -> Path:
+def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
+    """`path` as a Path, or NormfixError if nothing can be written there: a folder, a special
+    file, a missing folder, or one this process cannot create files in (probed by creating
+    and removing a hidden file: permission bits say nothing for root or on read-only mounts)."""
     out = Path(path)
     if out.is_dir():
-        raise NormfixError(f"output path is a folder: {out}")
-    if not out.parent.exists() and str(out.parent) not in ("", "."):
-        raise NormfixError(f"output folder does not exist: {out.parent}")
+        raise NormfixError(f"{what} path is a folder: {out}")
+    if out.exists() and not out.is_file():
+        raise NormfixError(f"{what} path is not a regular file: {out}")
+    folder = _folder(out)
+    if not folder.exists():
+        raise NormfixError(f"{what} folder does not exist: {folder}")
+    if not folder.is_dir():
+        raise NormfixError(f"{what} folder is not a folder: {folder}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise NormfixError(f"cannot write the {what} into {folder}: {exc.strerror or exc}") from None
     return out
 
 
+def _folder(out: Path) -> Path:
+    return out.parent if str(out.parent) else Path(".")
+
+
+def data_file_name(out: str | os.PathLike) -> str:
+    """The external-data file name of an output: always `<OUT name>.data` (stable)."""
+    return f"{Path(out).name}.data"
+
+
+def _staged_data(out: Path, path: Path) -> bool:
+    """A hidden data file a run killed while replacing `out` leaves the model reading."""
+    return path.name.startswith(f".{out.name}.data.") and path.name.endswith(".staged")
+
+
+def check_data_path(out: str | os.PathLike, sources=frozenset()) -> None:
+    """NormfixError if writing `out` with external data would overwrite a file that is not
+    the existing `out`'s own data file (another model may read it: say one moved away from
+    `out` with `mv`, or the input itself). `sources`: data files the model reads."""
+    out = Path(out)
+    target = (_folder(out) / data_file_name(out)).resolve() if _folder(out).exists() else None
+    if target is None or not target.exists():
+        return
+    in_use = external_files(out) if out.is_file() else set()
+    if target in in_use or any(_staged_data(out, p) for p in in_use):
+        return  # ours: the existing OUT's data, or the stable file of a run killed mid-replace
+    whose = "the input model reads it" if target in {Path(s).resolve() for s in sources} else \
+        f"{'the existing ' + out.name + ' does not use it' if out.is_file() else out.name + ' does not exist'}"
+    raise NormfixError(f"refusing to overwrite {target.name} in {target.parent}: {whose}, so another model may "
+                       "(e.g. one moved away from this name); move that file away or choose another output name")
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, serialized: bytes | None = None,
-               external: bool | None = None) -> None:
-    """Write `model` to `path` atomically. With external data (`external=True`, a model that
-    still references external files, or one over protobuf's 2 GB limit) the tensors go to a
-    data file beside the `.onnx` (data first, the .onnx renamed last); see the module docstring."""
+               external: bool | None = None, threshold: int | None = None, protect=frozenset()) -> dict:
+    """Write `model` to `path` atomically and return what happened to the files:
+    `{"data_file": name or None, "replaced": [...], "removed": [...], "kept": [...]}`.
+
+    `external`: None decides (external data if the model still references external files or
+    is over protobuf's 2 GB limit), True forces the `.onnx` + `<name>.data` layout, False
+    forces one self-contained file (NormfixError over 2 GB). `threshold`: tensors of at
+    least this many bytes go to the data file (default `EXTERNAL_THRESHOLD`). The written
+    files get the mode the umask gives, or keep the mode of the file they replace. See the
+    module docstring for the order of the writes. Data files the old `path` read and the new
+    one does not are deleted if named after it, never if in `protect` (say, the input's)."""
     out = check_output_path(path)
-    folder = out.parent if str(out.parent) else Path(".")
+    folder = _folder(out)
     try:
-        data = None if external else (serialized if serialized is not None else serialize(model))
+        if external is False:
+            data = serialized if serialized is not None else _inline_bytes(model, out)
+        else:
+            data = None if external else (serialized if serialized is not None else serialize(model))
         if data is None:
-            _save_external(model, out, folder)
-            return
+            return _save_external(model, out, folder, EXTERNAL_THRESHOLD if threshold is None else threshold,
+                                  protect)
+        existed = out.is_file()
+        stale = external_files(out) if existed else set()
         _atomic_write(folder, out, data)
+        return {"data_file": None, "replaced": [str(out)] if existed else [], **_retire(out, stale, set(), protect)}
     except OSError as exc:
         raise NormfixError(f"cannot write {out}: {exc.strerror or exc}") from None
 
 
-def _atomic_write(folder: Path, out: Path, data: bytes) -> None:
+def _inline_bytes(model: onnx.ModelProto, out: Path) -> bytes:
+    """The model as one self-contained file: external tensors are read into memory (the
+    model is modified so: its tensors no longer read the source files)."""
+    if _payload_bytes(model) >= PROTOBUF_LIMIT:
+        raise NormfixError(f"cannot write {out} without external data: the model's tensors are over protobuf's "
+                           "2 GB limit (drop --no-external-data)")
+    for tensor, _ in _all_tensors(model):
+        if _is_external(tensor):
+            raw = bytes(external_bytes(tensor))
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
+    data = serialize(model)
+    if data is None:
+        raise NormfixError(f"cannot write {out} without external data: it is over protobuf's 2 GB limit "
+                           "(drop --no-external-data)")
+    return data
+
+
+def file_mode(target: str | os.PathLike) -> int:
+    """The permission bits a file written to `target` gets: those of the file it replaces,
+    else what the umask gives a new file (0644 under umask 022). mkstemp makes 0600 files,
+    which a service running as another user cannot read."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
+def _atomic_write(folder: Path, out: Path, data: bytes, mode: int | None = None) -> None:
+    mode = file_mode(out) if mode is None else mode
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -464,45 +556,122 @@ def _atomic_write(folder: Path, out: Path, data: bytes) -> None:
     _fsync_dir(folder)
 
 
-def _data_name(out: Path, sources: set[Path] = frozenset()) -> tuple[str, Path | None]:
-    """The data file name for a new external-data save of `out`, and the old data file that
-    becomes unused once the new `.onnx` is in place (to delete then), if any.
-
-    Overwriting the data file the current `out` uses would leave, between the two renames,
-    an old graph pointing at new bytes; overwriting one the model still reads from (`sources`)
-    would destroy the data being copied; so alternate between two names instead."""
-    names = [f"{out.name}.data", f"{out.name}.alt.data"]
-    in_use = external_files(out) if out.is_file() else set()
-    folder = out.parent.resolve()
-    for name, other in (names, names[::-1]):
-        if (folder / name) not in in_use | sources:
-            stale = folder / other
-            return name, (stale if stale in in_use else None)
-    raise NormfixError(f"{out} uses both {names[0]} and {names[1]}: cannot overwrite it safely")
-
-
-def _save_external(model: onnx.ModelProto, out: Path, folder: Path) -> None:
-    sources = {Path(_external_info(t)[0]).resolve() for t, _ in _all_tensors(model) if _is_external(t)}
-    location, stale = _data_name(out, sources)
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{out.name}."))
+def write_file_atomically(path: str | os.PathLike, data: bytes, what: str = "file") -> None:
+    """A side file (report, noise feeds): temp file in the same folder, fsync, rename; mode
+    as `file_mode`. NormfixError naming `what` if it cannot be written."""
+    out = Path(path)
     try:
-        moved = write_external(model, staging, out.name, location)
-        for name in (location, out.name):
-            _fsync_file(staging / name)
-        os.replace(staging / location, folder / location)
-        os.replace(staging / out.name, out)
-        _fsync_dir(folder)
+        _atomic_write(_folder(out), out, data)
+    except OSError as exc:
+        raise NormfixError(f"cannot write {what} {out}: {exc.strerror or exc}") from None
+
+
+def _retire(out: Path, old: set[Path], new: set[Path], protect=frozenset()) -> dict:
+    """Delete data files the replaced `out` read and the new one does not, if they are
+    `out`'s own (named `<out name>.*`, e.g. an older version's `.alt.data`, or a hidden staged
+    file); others may be shared with other models: they are kept, and listed."""
+    removed, kept = [], []
+    protect = {Path(p).resolve() for p in protect}
+    for path in sorted(old - new):
+        if not path.exists():
+            continue
+        if path not in protect and path.parent == out.parent.resolve() and (path.name.startswith(f"{out.name}.") or _staged_data(out, path)):
+            remove_quietly(path)
+            removed.append(str(path))
+        else:
+            kept.append(str(path))
+    return {"removed": removed, "kept": kept}
+
+
+def _save_external(model: onnx.ModelProto, out: Path, folder: Path, threshold: int, protect=frozenset()) -> dict:
+    """Write `out` + `<out name>.data` so that at every instant `out` is either the old model
+    with its old data or the new model with its new data:
+
+    * `out.data` is not used by the existing `out`: write the data and the `.onnx` in a hidden
+      staging folder, rename the data in, then the `.onnx` (a crash in between leaves an unused
+      new data file; the old `out` never read it).
+    * the existing `out` reads `out.data` (re-running into the same OUT, IN == OUT): the new
+      data goes to a hidden `.<out>.data.XXXX.staged` first and a `.onnx` reading it replaces
+      `out`; only then is `out.data` overwritten (a copy of the staged file, kernel-side), the
+      final `.onnx` renamed over `out` and the staged file deleted. A crash in between leaves
+      `out` reading the staged file: complete and consistent; the next run restores the name.
+    """
+    location = data_file_name(out)
+    sources = {Path(_external_info(t)[0]).resolve() for t, _ in _all_tensors(model) if _is_external(t)}
+    check_data_path(out, sources)
+    target = (folder / location).resolve()
+    old = external_files(out) if out.is_file() else set()
+    conflict = target in old
+    replaced = [str(p) for p, there in ((out, out.is_file()), (target, target.exists())) if there]
+    data_mode = file_mode(target)
+    onnx_mode = file_mode(out)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{out.name}."))
+    staged: Path | None = None
+    try:
+        if not conflict or not _any_external(model, threshold):
+            moved = write_external(model, staging, out.name, location, threshold)
+            if not moved:  # every tensor under the threshold: one self-contained file
+                _finish(staging / out.name, onnx_mode)
+                os.replace(staging / out.name, out)
+                _fsync_dir(folder)
+                return {"data_file": None, "replaced": replaced[:1] if out in map(Path, replaced) else [],
+                        **_retire(out, old, set(), set(protect) | (sources - old))}
+            _finish(staging / location, data_mode)
+            _finish(staging / out.name, onnx_mode)
+            os.replace(staging / location, folder / location)
+            os.replace(staging / out.name, out)
+            _fsync_dir(folder)
+        else:
+            fd, name = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.data.", suffix=".staged")
+            os.close(fd)
+            staged = Path(name)
+            moved = write_external(model, staging, out.name, staged.name, threshold)
+            os.replace(staging / staged.name, staged)
+            _finish(staged, data_mode)
+            _finish(staging / out.name, onnx_mode)
+            os.replace(staging / out.name, out)  # the new model is in place, reading the staged data
+            _fsync_dir(folder)
+            with open(staging / location, "wb") as copy:
+                _copy_range(staged, 0, staged.stat().st_size, copy)
+            _finish(staging / location, data_mode)
+            os.replace(staging / location, folder / location)
+            _fsync_dir(folder)
+            final = _lean_copy_with_location(out, staged.name, location)
+            _atomic_write(folder, out, final, onnx_mode)
+            remove_quietly(staged)
+            staged = None
     finally:
         for leftover in staging.iterdir():
             remove_quietly(leftover)
         staging.rmdir()
+        if staged is not None and staged.resolve() not in external_files(out):
+            remove_quietly(staged)  # failed before the model read it
     # the model now reads from the file just written, not from a source the save may delete
-    target = str((folder / location).resolve())
     for tensor, written in moved:
         _, offset, length = _external_info(written)
-        _set_external(tensor, target, offset, length)
-    if stale is not None and stale not in external_files(out):
-        remove_quietly(stale)
+        _set_external(tensor, str(target), offset, length)
+    return {"data_file": location, "replaced": replaced, **_retire(out, old, {target}, set(protect) | (sources - old))}
+
+
+def _any_external(model: onnx.ModelProto, threshold: int) -> bool:
+    """Whether `write_external` would put any tensor in the data file."""
+    return any(_is_external(t) or (t.HasField("raw_data") and _raw_size(t) >= threshold)
+               for t, _ in _all_tensors(model))
+
+
+def _finish(path: Path, mode: int) -> None:
+    os.chmod(path, mode)
+    _fsync_file(path)
+
+
+def _lean_copy_with_location(out: Path, old: str, new: str) -> bytes:
+    """The bytes of the (small) `.onnx` at `out` with every external location `old` -> `new`."""
+    model = onnx.load(str(out), load_external_data=False)
+    for tensor, _ in _all_tensors(model):
+        for e in tensor.external_data:
+            if e.key == "location" and e.value == old:
+                e.value = new
+    return model.SerializeToString()
 
 
 # Tensors of at least this many bytes go to the data file; smaller ones stay in the .onnx.
@@ -511,15 +680,15 @@ EXTERNAL_THRESHOLD = 1024
 _PAGE, _BIG = 4096, 1 << 20
 
 
-def write_external(model: onnx.ModelProto, folder: Path, onnx_name: str,
-                   data_name: str) -> list[tuple[onnx.TensorProto, onnx.TensorProto]]:
+def write_external(model: onnx.ModelProto, folder: Path, onnx_name: str, data_name: str,
+                   threshold: int = EXTERNAL_THRESHOLD) -> list[tuple[onnx.TensorProto, onnx.TensorProto]]:
     """Write `model` as `folder/onnx_name` plus `folder/data_name` without holding a second
     copy of its tensors: the `.onnx` is a copy of the model whose big tensors are references.
     Tensors that still reference source files are copied range by range, in the kernel;
     tensors of `EXTERNAL_THRESHOLD` bytes or more held in memory are appended one at a time.
     Returns (model tensor, written tensor) for each tensor now in `data_name`. Nothing is
     fsynced (the caller decides)."""
-    skeleton = _lean_copy(model)
+    skeleton = _lean_copy(model, threshold)
     moved = []
     with open(folder / data_name, "wb") as data:
         for (tensor, _), (written, _) in zip(_all_tensors(model), _all_tensors(skeleton)):
@@ -530,7 +699,7 @@ def write_external(model: onnx.ModelProto, folder: Path, onnx_name: str,
                     length = src.stat().st_size - offset
                 position = _pad(data, length)
                 _copy_range(src, offset, length, data)
-            elif tensor.HasField("raw_data") and (length := _raw_size(tensor)) >= EXTERNAL_THRESHOLD:
+            elif tensor.HasField("raw_data") and (length := _raw_size(tensor)) >= threshold:
                 position = _pad(data, length)
                 data.write(tensor.raw_data)  # one tensor's bytes at a time
             else:
@@ -584,7 +753,7 @@ def _copy_range(src: Path, offset: int, length: int, data) -> None:
     data.seek(start + length)
 
 
-def _lean_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def _lean_copy(model: onnx.ModelProto, threshold: int = EXTERNAL_THRESHOLD) -> onnx.ModelProto:
     """A copy of `model` whose main-graph initializers leave out raw data of
     `EXTERNAL_THRESHOLD` bytes or more (the bulk of any model, written to the data file
     instead). Tensors elsewhere (Constant nodes, subgraphs, functions) are copied whole."""
@@ -595,14 +764,14 @@ def _lean_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = skeleton.graph
     for fd, value in model.graph.ListFields():
         if fd.name == "initializer":
-            graph.initializer.extend(_lean_tensor(t) for t in value)
+            graph.initializer.extend(_lean_tensor(t, threshold) for t in value)
         else:
             _copy_field(graph, fd, value)
     return skeleton
 
 
-def _lean_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:
-    if not tensor.HasField("raw_data") or _raw_size(tensor) < EXTERNAL_THRESHOLD:
+def _lean_tensor(tensor: onnx.TensorProto, threshold: int = EXTERNAL_THRESHOLD) -> onnx.TensorProto:
+    if not tensor.HasField("raw_data") or _raw_size(tensor) < threshold:
         return tensor
     stub = onnx.TensorProto()
     for fd in _TENSOR_FIELDS:  # not ListFields(): it would copy raw_data out of the arena

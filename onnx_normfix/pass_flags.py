@@ -114,12 +114,7 @@ def pass_options_from_args(args: argparse.Namespace, selected: set[str]) -> dict
     return out
 
 
-def describe(p: Pass) -> str:
-    """The --list-passes line: name, summary, and truthfully whether outputs change."""
-    if not p.preserves_outputs:
-        kind = "changes outputs"
-    elif p.changes_outputs:
-        kind = f"preserves outputs, except {p.changes_outputs}"
-    else:
-        kind = "preserves outputs"
-    return f"{p.name:<15} {p.summary} [{kind}]"
+def file_arguments(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(flag, path) of every given pass option that names a file to read."""
+    return [(o.cli_flag, getattr(args, _dest(p, o))) for p in PASSES.values() for o in p.options
+            if o.file and getattr(args, _dest(p, o), None) is not None]

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from . import model_io, validate as V
+from .core_options import check_core_options
 from .errors import NormfixError, ValidationError
 from .registry import Pass, PassContext, PassResult, resolve_passes, split_options
 
@@ -61,9 +62,24 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
     `Result`. Options: seed, rtol, atol, input_shapes ({input or dim name: shape/size}),
     inputs ({name: array} or .npz path), reference ({output: array}, .npz path, or a callable
     feeds -> outputs), progress (callable taking a message), plus each pass's own options
-    (see `PASSES[name].options`). Raises NormfixError / ValidationError."""
+    (see `PASSES[name].options`). Raises NormfixError / ValidationError; an exception raised
+    once the model was loaded carries the report so far as `.report` (the stages that ran)."""
+    partial: dict = {}
+    try:
+        return _optimize(model, passes, validate, partial, **options)
+    except BaseException as exc:
+        if "report" in partial and getattr(exc, "report", None) is None:
+            try:
+                exc.report = partial["report"]
+            except AttributeError:  # exception types without a __dict__
+                pass
+        raise
+
+
+def _optimize(model, passes, validate: bool, partial: dict, **options: Any) -> Result:
     selected = resolve_passes(passes)
     opts, pass_options = split_options(selected, options, CORE_OPTIONS)
+    check_core_options(opts)
     say: Callable[[str], None] = opts["progress"] or (lambda message: None)
 
     t0 = time.perf_counter()
@@ -89,6 +105,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
         full_check, check_note = _check_input(data, staged) if validate else (False, None)
         report: dict = {"input": source, "output": None, "nodes_before": len(work.graph.node),
                         "nodes_after": None, "passes": [], "load_seconds": round(time.perf_counter() - t0, 3)}
+        partial["report"] = report
         if check_note:
             report["notes"] = [check_note]
 

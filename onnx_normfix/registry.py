@@ -101,7 +101,8 @@ class Option:
 
     `type` is `str`, `int`, `float` or `bool` (a bool option is a switch: `--flag`), or a
     callable that parses the CLI string; `choices` limits the values; `flag` defaults to
-    `--name-with-dashes`; `metavar` names the value in --help."""
+    `--name-with-dashes`; `metavar` names the value in --help; `file=True` marks a path the pass
+    reads (checked before the model is loaded)."""
 
     name: str
     default: Any = None
@@ -110,6 +111,8 @@ class Option:
     choices: tuple | None = None
     metavar: str | None = None
     flag: str | None = None
+    # a path to a file the pass reads: the CLI checks it exists before the model is loaded
+    file: bool = False
 
     @property
     def cli_flag(self) -> str:
@@ -144,8 +147,8 @@ class Pass:
     run first. `order` is a legacy tie-break only (lower first); prefer the declarations.
     `prepare(model, options)`, if given, runs in the pipeline before `run` and may read files
     (a checkpoint, calibration data); it returns the options `run` will see.
-    `changes_outputs`: None if outputs are always preserved, else a one-line description of
-    when they change (shown by --list-passes).
+    `outputs_note`: how the pass treats outputs, in words, when "preserves outputs" is not the
+    whole truth (shown by --list-passes).
     """
 
     name: str
@@ -160,7 +163,6 @@ class Pass:
     creates: frozenset = frozenset()
     runs_after_creators_of: frozenset = frozenset()
     graph: str = "onnx"
-    changes_outputs: str | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -185,6 +187,9 @@ class Pass:
 
             return run_graphsurgeon(self, model, ctx)
         return self.run(model, ctx)
+    # How the pass treats outputs, in words, when "preserves outputs"/"changes outputs" is
+    # not the whole truth (a pass that changes them in some modes): --list-passes shows it.
+    outputs_note: str | None = None
 
 
 PASSES: dict[str, Pass] = {}
@@ -217,8 +222,12 @@ def register_pass(p: Pass, *, replace: bool = False) -> Pass:
 
 
 def canonical_pass_name(name: str) -> str:
-    """`fold-bn`, `FOLD_BN` and `fold_bn` all name fold_bn."""
-    return name.strip().lower().replace("-", "_")
+    """`fold-bn`, `FOLD_BN` and ` fold_bn ` all name fold_bn (a registered name as typed wins)."""
+    name = name.strip()
+    if name in PASSES:
+        return name
+    key = name.lower().replace("-", "_")
+    return next((p for p in PASSES if p.lower().replace("-", "_") == key), name)
 
 
 def resolve_passes(names) -> list[Pass]:

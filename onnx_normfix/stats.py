@@ -250,7 +250,7 @@ def _stats_from_payload(payload, key: str | None, source: str) -> list[ModuleSta
     candidates = _candidates(payload)
     if not candidates:
         seen = ", ".join(map(str, list(payload)[:8])) + (", ..." if len(payload) > 8 else "")
-        raise NormfixError(
+        raise (NoRunningStats if not _any_stats(payload) else NormfixError)(
             f"{source}: no running statistics (<module>.running_mean/.running_var) found "
             f"within {MAX_NESTING} levels; top-level keys: {seen or '(none)'}"
         )
@@ -291,6 +291,19 @@ def _select_key(payload: Mapping, key: str, source: str) -> dict:
         f"{source}: key {key!r} is neither a nested dict nor a module prefix with running "
         f"statistics ({'ambiguous' if matches else 'not found'}); parts with statistics: {listed}"
     )
+
+
+class NoRunningStats(NormfixError):
+    """The checkpoint holds no running statistics at any depth: its norms, if any, were
+    trained with track_running_stats=False, so there is nothing to restore."""
+
+
+def _any_stats(node, depth: int = 0) -> bool:
+    """True if any key at any depth (up to 16) names a running_mean/running_var."""
+    if not isinstance(node, Mapping) or depth > 16:
+        return False
+    return any((isinstance(k, str) and k.rsplit(".", 1)[-1] in ("running_mean", "running_var"))
+               or _any_stats(v, depth + 1) for k, v in node.items())
 
 
 def _same_stats(a: list[ModuleStats], b: list[ModuleStats]) -> bool:

@@ -201,15 +201,34 @@ _WORKER = OrtWorker()
 SPILL_BYTES = 8 << 20
 
 
+SPILL_DIRS = ("/dev/shm", None)  # tmpfs first; None: the disk temp folder (tempfile's default)
+
+
 def _spill(data: bytes) -> str:
+    """`data` in a temporary file, tmpfs where there is room (64 MB in default containers),
+    else the disk temp folder; a failed attempt leaves no partial file behind."""
     import os
     import tempfile
 
-    folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    fd, path = tempfile.mkstemp(prefix="onnx_normfix_", suffix=".onnx", dir=folder)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return path
+    reason = None
+    for folder in SPILL_DIRS:
+        if folder is not None and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            continue
+        try:
+            fd, path = tempfile.mkstemp(prefix="onnx_normfix_", suffix=".onnx", dir=folder)
+        except OSError as exc:
+            reason = exc
+            continue
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return path
+        except OSError as exc:  # full tmpfs (ENOSPC): try the next folder
+            model_io.remove_quietly(path)
+            reason = exc
+    raise NormfixError(f"cannot write a temporary copy of the model for onnxruntime "
+                       f"({getattr(reason, 'strerror', None) or reason}); free space in {tempfile.gettempdir()} "
+                       "or set TMPDIR")
 
 
 def _close_worker() -> None:

@@ -45,6 +45,16 @@ NAME = "fix_inorm"
 BATCH_DIM = "batch"
 
 
+# A checkpoint without any running statistics: its InstanceNorms are correct as exported.
+class _NoStats(tuple):
+    pass
+
+
+NO_STATS = _NoStats()
+PER_INSTANCE = ("correct as exported if the module had track_running_stats=False (PyTorch's default: "
+                "statistics of each instance); if it had running stats, give --stats CKPT or --calibration-data FILE.npz")
+
+
 class CalibratedStats(dict):
     """{InstanceNormalization input: (mean, var)} estimated by `prepare` from sample inputs."""
 
@@ -53,12 +63,17 @@ def _prepare(model: onnx.ModelProto, options: dict) -> dict:
     """Read the checkpoint and run the calibration (file I/O and onnxruntime live here)."""
     from onnx_normfix.stats import estimate_stats, load_stats, stats_from_arrays
 
+    from onnx_normfix.stats import NoRunningStats
+
     opts = dict(options)
     stats = opts.get("stats")
-    if isinstance(stats, (str, os.PathLike)):
-        opts["stats"] = load_stats(stats, key=opts.get("stats_key"))
-    elif isinstance(stats, Mapping):
-        opts["stats"] = stats_from_arrays(dict(stats), key=opts.get("stats_key"))
+    try:
+        if isinstance(stats, (str, os.PathLike)):
+            opts["stats"] = load_stats(stats, key=opts.get("stats_key"))
+        elif isinstance(stats, Mapping):
+            opts["stats"] = stats_from_arrays(dict(stats), key=opts.get("stats_key"))
+    except NoRunningStats:  # InstanceNorm(track_running_stats=False): nothing to restore
+        opts["stats"] = NO_STATS
     data = opts.get("calibration_data")
     if data is not None and not isinstance(data, CalibratedStats):
         tensors = [n.input[0] for n in model.graph.node if n.op_type == "InstanceNormalization"]
@@ -124,14 +139,24 @@ def _plan_old_style(ix: GraphIndex, opts, result: PassResult) -> list:
     if isinstance(stats, (str, os.PathLike)) or (calibrated is not None and not isinstance(calibrated, CalibratedStats)):
         raise NormfixError("fix_inorm: files are read by the pass's prepare step; run it through onnx_normfix.optimize")
     if isinstance(stats, Mapping):
-        from onnx_normfix.stats import stats_from_arrays
+        from onnx_normfix.stats import NoRunningStats, stats_from_arrays
 
-        stats = stats_from_arrays(dict(stats), key=opts.get("stats_key"))
-    if stats is None and calibrated is None and not opts.get("allow_partial"):
-        raise NormfixError(
-            f"fix_inorm: {len(nodes)} InstanceNormalization node(s) lost their running statistics; give the "
-            "checkpoint with --stats FILE (.pt/.pth/.ckpt/.npz/.safetensors) or estimate them from sample "
-            "inputs with --calibration-data FILE.npz")
+        try:
+            stats = stats_from_arrays(dict(stats), key=opts.get("stats_key"))
+        except NoRunningStats:
+            stats = NO_STATS
+    listing = ", ".join(n.label for n in nodes[:10]) + (" ..." if len(nodes) > 10 else "")
+    if stats is None and calibrated is None:
+        if opts.get("allow_partial"):
+            raise NormfixError("fix_inorm: --allow-partial needs --stats or --calibration-data to match against")
+        result.notes.append(f"left {len(nodes)} InstanceNormalization node(s) without running stats ({listing}): "
+                            f"{PER_INSTANCE}")
+        return []
+    if stats is NO_STATS and calibrated is None:
+        result.notes.append(f"left {len(nodes)} InstanceNormalization node(s) as exported ({listing}): the checkpoint "
+                            "holds no running statistics, so its norms had track_running_stats=False and normalize "
+                            "per instance: nothing to restore")
+        return []
     matched, reasons = match_modules(ix, nodes, list(stats or []))
     plan, unmatched = [], {}
     for n in nodes:
@@ -148,6 +173,9 @@ def _plan_old_style(ix: GraphIndex, opts, result: PassResult) -> list:
     if unmatched:
         listing = "; ".join(f"{label}: {why}" for label, why in unmatched.items())
         result.details["unmatched"] = unmatched
+        if opts.get("allow_partial") and len(unmatched) == len(nodes):
+            raise NormfixError(f"fix_inorm: --allow-partial, but none of the {len(nodes)} InstanceNormalization "
+                               f"node(s) matched the given statistics: {listing}")
         if not opts.get("allow_partial"):
             hint = " (are these stats from another model?)" if not matched and stats else ""
             raise NormfixError(f"fix_inorm: no usable running statistics for {len(unmatched)} of {len(nodes)} "
@@ -226,14 +254,13 @@ PASS = register_pass(Pass(
     summary="restore InstanceNorm running stats (old-style exports) and collapse the exporters' "
             "Reshape/BatchNormalization(N*C)/Reshape patterns into BatchNormalization over C",
     preserves_outputs=True,  # the pattern collapse does; an old-style repair sets changes_outputs
-    changes_outputs="when it restores running stats an old exporter dropped",
     run=_run,
     options=[
         Option("stats", None, str, "checkpoint with the InstanceNorm running stats (.pt/.pth/.ckpt/.npz/.safetensors)",
-               metavar="CKPT"),
+               metavar="CKPT", file=True),
         Option("stats_key", None, str, "which part of the checkpoint holds the model (e.g. G, or a/b/G)", metavar="KEY"),
         Option("calibration_data", None, str, "estimate running stats from sample inputs (no checkpoint)",
-               metavar="FILE.npz"),
+               metavar="FILE.npz", file=True),
         Option("allow_partial", False, bool, "fix the norms that match, leave the rest (noted in the report)"),
         Option("dynamic_batch", False, bool, "make the batch dimension symbolic again where norms fixed it"),
     ],
@@ -243,4 +270,6 @@ PASS = register_pass(Pass(
     creates={"BatchNormalization"},
     runs_after_creators_of={"InstanceNormalization"},
     runs_after={"replace_random"},
+    outputs_note="changes outputs when it restores running stats (old style, on purpose); "
+                 "preserves them when it collapses exporter patterns",
 ))

@@ -234,11 +234,12 @@ PASS = register_pass(
         name=NAME,
         summary="replace random ops by a seeded noise input (or a constant, or the mean)",
         preserves_outputs=True,
-        changes_outputs="with --random-mode constant or mean (the draws become fixed values)",
         run=run,
         options=[Option("random_mode", "input", str, "noise as a graph input (default), a seeded constant, or the mean",
                         choices=("input", "constant", "mean"))],
         # the noise it draws feeds every later pass's checks: run before the passes that rewrite
         runs_before={"fix_inorm", "fold_bn"},
+        outputs_note="preserves outputs given the noise input (mode input, proven on the original's draws); "
+                     "changes them in modes constant and mean",
     )
 )

@@ -120,7 +120,7 @@ def _negate(model, ctx):
 @pytest.fixture
 def negate_pass():
     PASSES.pop("negate_cli", None)
-    yield PASSES.setdefault("negate_cli", Pass("negate_cli", "broken on purpose", True, _negate, order=99))
+    yield PASSES.setdefault("negate_cli", Pass("negate_cli", "broken on purpose", True, _negate, runs_after={"fold_bn"}))
     PASSES.pop("negate_cli", None)
 
 
@@ -130,7 +130,12 @@ def test_validation_failure_exit_1_names_pass_output_and_writes_nothing(conv_bn_
     err = capsys.readouterr().err
     assert_one_line_error(err, "negate_cli", "'y'", "max abs diff")
     assert not out.exists()
-    assert json.loads(report.read_text())["stage"] == "negate_cli"
+    rep = json.loads(report.read_text())
+    assert rep["status"] == "validation_failed" and rep["exit_code"] == 1 and rep["output"] is None
+    assert rep["error"]["kind"] == "validation" and rep["error"]["stage"] == "negate_cli"
+    assert [p["name"] for p in rep["passes"]] == ["fold_bn", "negate_cli"]
+    assert rep["passes"][0]["validation"]["status"] == "passed"
+    assert rep["passes"][1]["validation"]["status"] == "failed"
 
 
 def test_in_equals_out_is_replaced_atomically(tmp_path, capsys):
@@ -146,7 +151,7 @@ def test_interrupt_leaves_no_output(conv_bn_file, tmp_path, capsys):
     def interrupt(model, ctx):
         raise KeyboardInterrupt
 
-    PASSES["interrupt_cli"] = Pass("interrupt_cli", "Ctrl-C", True, interrupt, order=99)
+    PASSES["interrupt_cli"] = Pass("interrupt_cli", "Ctrl-C", True, interrupt, runs_after={"fold_bn"})
     try:
         assert cli.main([str(conv_bn_file), str(tmp_path / "o.onnx"), "--passes", "fold_bn,interrupt_cli"]) == 130
     finally:
@@ -158,7 +163,7 @@ def test_internal_error_is_one_line_and_debug_shows_traceback(conv_bn_file, tmp_
     def crash(model, ctx):
         raise ZeroDivisionError("boom")
 
-    PASSES["crash_cli"] = Pass("crash_cli", "bug", True, crash, order=99)
+    PASSES["crash_cli"] = Pass("crash_cli", "bug", True, crash, runs_after={"fold_bn"})
     try:
         assert cli.main([str(conv_bn_file), str(tmp_path / "o.onnx"), "--passes", "crash_cli"]) == 3
         err = capsys.readouterr().err

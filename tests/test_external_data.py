@@ -169,17 +169,19 @@ def test_output_stays_external_when_every_external_tensor_was_rewritten(tmp_path
     assert not (tmp_path / "inline_out.onnx.data").exists()
 
 
-def test_in_place_alternates_data_files_and_the_result_stays_usable(src):
+def test_in_place_keeps_the_stable_data_name_and_the_result_stays_usable(src):
     before = outputs_of(src)
     result = onnx_normfix.optimize(src, passes=["fold_bn"], validate=False)
-    result.save(src)
-    assert sorted(p.name for p in src.parent.iterdir()) == ["model.onnx", "model.onnx.alt.data"]
+    info = model_io.save_model(result.model, src, external=True)
+    assert sorted(p.name for p in src.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert info["data_file"] == "model.onnx.data" and info["removed"] == []
+    assert sorted(info["replaced"]) == sorted([str(src), str(src.parent / "model.onnx.data")])
     assert_close(outputs_of(src), before)
-    # the in-memory model now reads the file just written, not the deleted one
+    # the in-memory model reads the file just written
     p = {t.name: t for t in result.model.graph.initializer}["P"]
-    assert {e.key: e.value for e in p.external_data}["location"] == str(src.parent.resolve() / "model.onnx.alt.data")
+    assert {e.key: e.value for e in p.external_data}["location"] == str(src.parent.resolve() / "model.onnx.data")
     np.testing.assert_array_equal(array_of(p), numpy_helper.to_array(two_convs().graph.initializer[-1]))
-    result.save(src)  # and back to the first name
+    result.save(src)  # again: the same name (issue 11 item 2)
     assert sorted(p.name for p in src.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
     assert_close(outputs_of(src), before)
 
@@ -187,21 +189,23 @@ def test_in_place_alternates_data_files_and_the_result_stays_usable(src):
 def test_cli_in_place_with_external_data(src):
     before = outputs_of(src)
     assert cli.main([str(src), str(src), "-q"]) == 0
-    assert sorted(p.name for p in src.parent.iterdir()) == ["model.onnx", "model.onnx.alt.data"]
+    assert sorted(p.name for p in src.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
     assert count_ops(onnx.load(str(src), load_external_data=False)).get("BatchNormalization") is None
     assert_close(outputs_of(src), before)
 
 
 def test_never_overwrites_a_data_file_the_model_still_reads(tmp_path):
-    """a.onnx keeps its tensors in `b.onnx.data`; saving to b.onnx must not write over them."""
+    """a.onnx keeps its tensors in `b.onnx.data`; saving to b.onnx must not write over them:
+    refused (item 3), and nothing is written."""
     src = save_external(two_convs(), tmp_path / "a.onnx", location="b.onnx.data")
     original = (tmp_path / "b.onnx.data").read_bytes()
     before = outputs_of(src)
     result = onnx_normfix.optimize(src, passes=["fold_bn"], validate=False)
-    result.save(tmp_path / "b.onnx")
+    with pytest.raises(NormfixError, match=r"refusing to overwrite b.onnx.data.*the input model reads it"):
+        result.save(tmp_path / "b.onnx")
     assert (tmp_path / "b.onnx.data").read_bytes() == original
-    assert set(external_locations(tmp_path / "b.onnx").values()) == {"b.onnx.alt.data"}
-    assert_close(outputs_of(tmp_path / "b.onnx"), before)
+    assert not (tmp_path / "b.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx.data"]
     assert_close(outputs_of(src), before)
 
 

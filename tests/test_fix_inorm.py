@@ -146,12 +146,18 @@ def test_stats_from_another_model_is_an_error_and_nothing_is_written(fixture, st
     assert model.SerializeToString() == original
 
 
-def test_no_stats_for_old_style_nodes_is_an_error():
+def test_no_stats_for_old_style_nodes_leaves_them_with_a_note_that_explains_both_cases():
+    """Issue 11 item 10: InstanceNorm(track_running_stats=False) is correct as exported; without
+    --stats the nodes are left and listed, not a dead end."""
     model = load("stargan_tiny_oldstyle.onnx")
     original = model.SerializeToString()
-    with pytest.raises(NormfixError, match=r"7 InstanceNormalization.*--stats FILE.*--calibration-data"):
-        apply(model)
-    assert model.SerializeToString() == original
+    result = apply(model)
+    assert result.rewrites == 0 and model.SerializeToString() == original
+    (note,) = [n for n in result.notes if "InstanceNormalization" in n]
+    assert "left 7 InstanceNormalization" in note and "track_running_stats=False" in note
+    assert "--stats" in note and "--calibration-data" in note
+    with pytest.raises(NormfixError, match="--allow-partial needs --stats"):
+        apply(model, allow_partial=True)
 
 
 def test_wrong_channel_count_is_an_error_and_allow_partial_fixes_the_rest():

@@ -125,7 +125,7 @@ def kill_plan(duration: float, seed: int) -> list[tuple[float | None, float | No
 
 def stray(folder: Path, keep: set[str], out_name: str) -> list[str]:
     """Files in `folder` besides `keep`; asserts each is a hidden temporary of `out_name`."""
-    pattern = re.compile(rf"^\.{re.escape(out_name)}\.[A-Za-z0-9_]+(\.tmp)?$")
+    pattern = re.compile(rf"^\.{re.escape(out_name)}\.(data\.[A-Za-z0-9_]+\.staged|[A-Za-z0-9_]+(\.tmp|\.probe)?)$")
     extra = sorted(p.name for p in folder.iterdir() if p.name not in keep)
     for name in extra:
         assert pattern.match(name), f"unexpected file after a kill: {name}"
@@ -214,8 +214,10 @@ def _loaded_bytes(path: Path) -> bytes:
 
 
 def test_kill_in_place_with_external_data(work):
-    """IN == OUT where both sides use external data: the new data goes to the other of two
-    file names, so the old .onnx never points at new bytes (model_io._data_name)."""
+    """IN == OUT where both sides use external data: the data file keeps its stable name
+    `model.onnx.data`, and the old .onnx never points at new bytes: the new data is staged
+    under a hidden name that a first new .onnx reads before the stable file is overwritten
+    (model_io._save_external). A kill in between leaves the staged, consistent model."""
     root, src, ref, duration = work
     folder = root / "inplace_ext"
     folder.mkdir()
@@ -226,7 +228,7 @@ def test_kill_in_place_with_external_data(work):
     old_bytes = _loaded_bytes(path)
     # the uninterrupted result, same layout
     run_to_end([path, path, "-q"], external=True)
-    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.onnx.alt.data"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.onnx.data"]
     new_bytes = _loaded_bytes(path)
     assert new_bytes == _loaded_bytes(ref)
     plan = kill_plan(duration, SEED + 2)[::2] + kill_plan(duration, SEED + 2)[-len(TRIGGERED_DELAYS):]
@@ -239,7 +241,7 @@ def test_kill_in_place_with_external_data(work):
         got = _loaded_bytes(path)
         assert got in (old_bytes, new_bytes), "IN == OUT with external data left a mixed model"
         states.append("new" if got == new_bytes else "old")
-        temps = stray(folder, {"model.onnx", "model.onnx.data", "model.onnx.alt.data"}, "model.onnx")
+        temps = stray(folder, {"model.onnx", "model.onnx.data"}, "model.onnx")
         states[-1] += "+tmp" * bool(temps)
     print(f"\nkill states (IN == OUT, external data): {states}")
     assert killed >= 2, states

@@ -1,0 +1,135 @@
+"""What a run leaves behind: the normalization nodes still in the output, and why.
+
+After the passes, every BatchNormalization, InstanceNormalization and decomposed norm
+(ReduceMean ... Sqrt chains an exporter wrote instead of one norm op) that remains in the
+main graph is grouped by kind, with the reason it is still there and, where a pass or flag
+would handle it, which one. Also the graph inputs a pass created (noise), with how to feed
+them. Read-only: nothing here changes the model.
+
+    [{"op": "BatchNormalization", "kind": "over N*C between Reshapes", "count": 2,
+      "nodes": ["/in1/BatchNormalization", ...], "reason": "...", "hint": "run with fix_inorm"}]
+"""
+
+from __future__ import annotations
+
+import onnx
+
+FOLD_TARGETS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+MAX_NODES_LISTED = 20
+
+
+def find_leftovers(model: onnx.ModelProto, passes_run, notes_by_pass: dict[str, list[str]] | None = None,
+                   available=()) -> list[dict]:
+    """Group the remaining norm nodes by (op, kind). `passes_run`: names of the passes that
+    ran; `notes_by_pass`: their notes (a decline note that names a node is its reason);
+    `available`: registered pass names (a hint names only a pass that exists)."""
+    ran = set(passes_run)
+    notes = notes_by_pass or {}
+    producers = {o: n for n in model.graph.node for o in n.output if o}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    groups: dict[tuple, dict] = {}
+
+    def add(node, op, kind, reason, hint):
+        g = groups.setdefault((op, kind), {"op": op, "kind": kind, "count": 0, "nodes": [], "reason": reason,
+                                           "hint": hint})
+        g["count"] += 1
+        if len(g["nodes"]) < MAX_NODES_LISTED:
+            g["nodes"].append(node.name or op)
+
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "BatchNormalization":
+            add(node, node.op_type, *_batchnorm(node, producers, consumers, ran, notes))
+        elif node.op_type == "InstanceNormalization":
+            add(node, node.op_type, *_instancenorm(node, ran, notes))
+    for node, kind in _decomposed_norms(model, producers):
+        fuser = "fuse_norms" if "fuse_norms" in available else None
+        if fuser and fuser not in ran:
+            hint = f"run with {fuser}"
+        elif fuser:
+            hint = None
+        else:
+            hint = "no pass of this version fuses it; it is correct as it is"
+        reason = ("a normalization the exporter wrote as elementary ops" if not fuser or fuser not in ran
+                  else _declined(node, notes.get(fuser, [])) or "fuse_norms did not match it")
+        add(node, f"decomposed {kind}", "ReduceMean ... Sqrt chain", reason, hint)
+    return list(groups.values())
+
+
+def _declined(node: onnx.NodeProto, notes: list[str]) -> str | None:
+    """The note of a pass that names `node` (passes note 'skipped <node>: <why>')."""
+    if not node.name:
+        return None
+    for note in notes:
+        if node.name in note:
+            return note
+    return None
+
+
+def _batchnorm(node, producers, consumers, ran, notes) -> tuple[str, str, str | None]:
+    training = any(a.name == "training_mode" and a.i for a in node.attribute) or len([o for o in node.output if o]) > 1
+    if training:
+        return "training mode", "training mode or extra outputs: not an inference BatchNormalization", None
+    src = producers.get(node.input[0])
+    after = consumers.get(node.output[0], [])
+    if src is not None and src.op_type == "Reshape" and (not after or all(c.op_type == "Reshape" for c in after)):
+        if "fix_inorm" not in ran:
+            return ("over N*C between Reshapes", "the exporters' InstanceNorm pattern (a BatchNormalization over "
+                    "batch x channels that fold_bn cannot fold)", "run with fix_inorm")
+        return ("over N*C between Reshapes", _declined(node, notes.get("fix_inorm", []))
+                or "fix_inorm did not collapse it", None)
+    if src is not None and src.op_type in FOLD_TARGETS:
+        if "fold_bn" not in ran:
+            return f"after {src.op_type}", f"foldable into its {src.op_type}", "run with fold_bn"
+        return (f"after {src.op_type}", _declined(node, notes.get("fold_bn", [])) or "fold_bn declined it", None)
+    what = f"a {src.op_type}" if src is not None else "a graph input or initializer"
+    return ("no weights to fold into", f"its input comes from {what}, not Conv/ConvTranspose/Gemm/MatMul: "
+            "nothing to fold it into (onnxruntime runs it as it is)", None)
+
+
+def _instancenorm(node, ran, notes) -> tuple[str, str, str | None]:
+    if "fix_inorm" in ran:
+        reason = _declined(node, notes.get("fix_inorm", []))
+        if reason:
+            return "left by fix_inorm", reason, None
+    return ("per-instance statistics", "correct as exported if the module had track_running_stats=False "
+            "(PyTorch's default)", None if "fix_inorm" in ran else
+            "if it had running stats: run with fix_inorm and --stats CKPT or --calibration-data FILE.npz")
+
+
+def _decomposed_norms(model: onnx.ModelProto, producers) -> list[tuple[onnx.NodeProto, str]]:
+    """Sqrt(Add(ReduceMean(...), eps)) chains: LayerNorm when the mean is of (x - mean(x))
+    squared, RMSNorm when of x squared. A coarse census, not a matcher: fuse_norms matches."""
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "Sqrt":
+            continue
+        add = producers.get(node.input[0])
+        if add is None or add.op_type != "Add":
+            continue
+        mean = next((producers[i] for i in add.input if i in producers and producers[i].op_type == "ReduceMean"), None)
+        if mean is None:
+            continue
+        square = producers.get(mean.input[0])
+        if square is None or square.op_type not in ("Pow", "Mul"):
+            continue
+        centered = producers.get(square.input[0])
+        kind = "LayerNorm" if centered is not None and centered.op_type == "Sub" else "RMSNorm"
+        found.append((node, kind))
+    return found
+
+
+def noise_inputs_summary(model: onnx.ModelProto) -> list[dict]:
+    """The noise graph inputs a pass created: name, distribution, shape, dtype."""
+    from .noise import read_noise_entries
+
+    out = []
+    for e in read_noise_entries(model):
+        if e.get("input"):
+            out.append({"input": e["input"], "distribution": e.get("distribution"), "shape": e.get("shape"),
+                        "dtype": e.get("dtype"), "node": e.get("node")})
+    return out
