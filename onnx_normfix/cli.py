@@ -172,11 +172,13 @@ def _check_input_kind(path: str) -> None:
     from .errors import NormfixError
 
     p = Path(path)
+    if not p.is_file():
+        return  # load_model reports missing files, folders and FIFOs (opening a FIFO would block)
     try:
         with open(p, "rb") as f:
             head = f.read(4)
     except OSError:
-        return  # load_model reports missing/unreadable files
+        return  # load_model reports unreadable files
     # torch.save writes a zip archive (PK..) or, with the legacy format, a pickle (0x80 proto)
     if p.suffix.lower() in _TORCH_SUFFIXES or head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         raise NormfixError(f"{p} is a PyTorch (or other non-ONNX) file, not an ONNX model: export it to ONNX "
