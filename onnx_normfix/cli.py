@@ -186,6 +186,8 @@ def _check_input_kind(path: str) -> None:
     from .errors import NormfixError
 
     p = Path(path)
+    if not p.is_file():  # never open a FIFO or device: load_model refuses those
+        return
     try:
         with open(p, "rb") as f:
             head = f.read(4)
