@@ -29,7 +29,8 @@ exit codes:
   2    usage error, or an unreadable/invalid input; nothing written
   3    internal error (a bug: rerun with --debug and report it); nothing written
   130  interrupted (Ctrl-C); nothing written
---report FILE.json is written in every case but a command-line syntax error.
+--report FILE.json is written in every case but a command-line syntax error
+(or a report path that cannot be written).
 """
 
 
