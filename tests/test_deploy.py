@@ -185,7 +185,8 @@ def test_item3_refuses_a_data_file_the_existing_output_does_not_read(tmp_path, c
     foreign = tmp_path / "out.onnx.data"
     foreign.write_bytes(b"another model's weights")
     assert cli.main([str(src), str(out)]) == 2
-    one_line_error(capsys.readouterr().err, "refusing to overwrite out.onnx.data", "move that file away")
+    one_line_error(capsys.readouterr().err, "refusing to overwrite out.onnx.data", "move that file away",
+                   "no model in that folder reads it")
     assert foreign.read_bytes() == b"another model's weights" and not out.exists()
     # the mv case: old.onnx (moved away from out.onnx) still reads out.onnx.data
     assert cli.main([str(src), str(out), "-q"]) == 2  # still refused
@@ -194,7 +195,7 @@ def test_item3_refuses_a_data_file_the_existing_output_does_not_read(tmp_path, c
     assert cli.main([str(src), str(out), "-q"]) == 0
     os.rename(out, tmp_path / "old.onnx")
     assert cli.main([str(src), str(out)]) == 2
-    one_line_error(capsys.readouterr().err, "refusing to overwrite out.onnx.data")
+    one_line_error(capsys.readouterr().err, "refusing to overwrite out.onnx.data", "old.onnx reads it")
     assert_close(outputs(tmp_path / "old.onnx"), outputs(src))
     # twin: the data file of the existing OUT itself is fine to replace
     os.rename(tmp_path / "old.onnx", out)
