@@ -29,7 +29,8 @@ exit codes:
   2    usage error, or an unreadable/invalid input; nothing written
   3    internal error (a bug: rerun with --debug and report it); nothing written
   130  interrupted (Ctrl-C); nothing written
---report FILE.json is written in every case but a command-line syntax error.
+--report FILE.json is written in every case but a command-line syntax error
+(or a report path that cannot be written).
 """
 
 
@@ -172,15 +173,18 @@ def _check_input_kind(path: str) -> None:
     from .errors import NormfixError
 
     p = Path(path)
-    if not p.is_file():
-        return  # load_model reports missing files, folders and FIFOs (opening a FIFO would block)
+    if not p.is_file():  # never open a FIFO or device: load_model refuses those
+        return
     try:
         with open(p, "rb") as f:
             head = f.read(4)
     except OSError:
-        return  # load_model reports unreadable files
-    # torch.save writes a zip archive (PK..) or, with the legacy format, a pickle (0x80 proto)
-    if p.suffix.lower() in _TORCH_SUFFIXES or head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return  # load_model reports missing/unreadable files
+    # torch.save writes a zip archive (PK..) or, with the legacy format, a pickle (0x80 proto);
+    # a serialized ModelProto starts with another byte (0x08: ir_version). The suffix counts
+    # only when the bytes do not look like ONNX.
+    zipped_or_pickled = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
+    if zipped_or_pickled or (p.suffix.lower() in _TORCH_SUFFIXES and head[:1] not in (b"\x08", b"")):
         raise NormfixError(f"{p} is a PyTorch (or other non-ONNX) file, not an ONNX model: export it to ONNX "
                            "first (torch.onnx.export); checkpoints go to --stats")
 
@@ -224,14 +228,22 @@ def _check_data_file(args, out: Path) -> None:
         check_data_path(out, sources)
 
 
-def _sizes(path) -> dict | None:
-    """{path, bytes, data_files: {name: bytes}} of a model file on disk."""
+# Over this size a .onnx is not parsed a second time to list its data files (a file that
+# big holds its tensors itself: external data exists to keep the .onnx small).
+_LIST_DATA_BELOW = 256 << 20
+
+
+def _sizes(path, data_files=None) -> dict | None:
+    """{path, bytes, data_files: {path: bytes}, total_bytes} of a model file on disk;
+    `data_files`: the data files if known (else read from the file, if it is small)."""
     from .model_io import external_files
 
     p = Path(path)
     if not p.is_file():
         return None
-    data = {str(f): f.stat().st_size for f in sorted(external_files(p)) if f.is_file()}
+    if data_files is None:
+        data_files = external_files(p) if p.stat().st_size < _LIST_DATA_BELOW else ()
+    data = {str(f): f.stat().st_size for f in sorted(data_files) if f.is_file()}
     return {"path": str(p), "bytes": p.stat().st_size, "data_files": data,
             "total_bytes": p.stat().st_size + sum(data.values())}
 
@@ -370,7 +382,7 @@ def _write_outputs(args, run: _Run, out: Path) -> None:
         noise_bytes = buffer.getvalue()
     existed = out.exists()
     same = Path(args.input).resolve() == out.resolve()
-    protect = set() if same else external_files(args.input)
+    protect = external_files(args.input) if result.external_data and not same else set()
     external = args.external_data if args.external_data is not None else (result.external_data or None)
     # nothing touched result.model since validation serialized it: write those bytes
     serialized = result.serialized if args.external_data is not True else None
@@ -380,7 +392,7 @@ def _write_outputs(args, run: _Run, out: Path) -> None:
     result.report["output"] = str(out)
     for key in ("replaced", "removed", "kept"):
         run.files[key] = info.get(key, [])
-    run.files["output"] = _sizes(out)
+    run.files["output"] = _sizes(out, [out.parent / info["data_file"]] if info.get("data_file") else [])
     try:
         if noise_bytes is not None:
             write_file_atomically(args.noise_feeds, noise_bytes, "--noise-feeds file")

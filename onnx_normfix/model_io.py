@@ -473,10 +473,30 @@ def check_data_path(out: str | os.PathLike, sources=frozenset()) -> None:
     in_use = external_files(out) if out.is_file() else set()
     if target in in_use or any(_staged_data(out, p) for p in in_use):
         return  # ours: the existing OUT's data, or the stable file of a run killed mid-replace
-    whose = "the input model reads it" if target in {Path(s).resolve() for s in sources} else \
-        f"{'the existing ' + out.name + ' does not use it' if out.is_file() else out.name + ' does not exist'}"
-    raise NormfixError(f"refusing to overwrite {target.name} in {target.parent}: {whose}, so another model may "
-                       "(e.g. one moved away from this name); move that file away or choose another output name")
+    if target in {Path(s).resolve() for s in sources}:
+        whose = "the input model reads it"
+    else:
+        readers = _readers(target)
+        whose = (f"{', '.join(readers)} read{'s' * (len(readers) == 1)} it" if readers else
+                 f"{'the existing ' + out.name + ' does not use it' if out.is_file() else out.name + ' does not exist'}"
+                 " and no model in that folder reads it (left by an interrupted run? then delete it)")
+    raise NormfixError(f"refusing to overwrite {target.name} in {target.parent}: {whose}; it is not the data of "
+                       f"{out.name}: move that file away or choose another output name")
+
+
+def _readers(data: Path, limit: int = 200) -> list[str]:
+    """Names of up to 3 `.onnx` files beside `data` that read it (each small file parsed
+    without its tensors; over 64 MB a file holds its tensors itself and is skipped)."""
+    found = []
+    for k, p in enumerate(sorted(data.parent.glob("*.onnx"))):
+        if k >= limit or len(found) == 3:
+            break
+        try:
+            if p.is_file() and p.stat().st_size < (64 << 20) and data in external_files(p):
+                found.append(p.name)
+        except OSError:
+            continue
+    return found
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, serialized: bytes | None = None,

@@ -139,7 +139,11 @@ def _derived_shapes(model, shapes: dict | None, inputs_file) -> dict:
     import numpy as np
 
     from .noise import noise_inputs
-    from .validate import input_shape, real_inputs
+
+    try:
+        from .validate import input_shape, real_inputs
+    except ImportError:  # the validator as a package (onnx_normfix/validation/)
+        from .validation import input_shape, real_inputs
 
     given = {}
     if inputs_file:

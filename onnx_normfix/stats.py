@@ -293,6 +293,13 @@ def _select_key(payload: Mapping, key: str, source: str) -> dict:
     )
 
 
+class StatsList(list):
+    """The modules with running stats (`ModuleStats`), plus `without_stats`: names of modules
+    the checkpoint holds weights for but no running statistics."""
+
+    without_stats: set = frozenset()
+
+
 class NoRunningStats(NormfixError):
     """The checkpoint holds no running statistics at any depth: its norms, if any, were
     trained with track_running_stats=False, so there is nothing to restore."""
@@ -353,7 +360,12 @@ def _collect(entries: dict, source: str, where: str = "") -> list[ModuleStats]:
                     )
                 affine[part] = arr
         modules.append(ModuleStats(prefix, mean, var, affine.get("weight"), affine.get("bias")))
-    return modules
+    found = StatsList(modules)
+    # modules with a weight but no running stats (e.g. InstanceNorm(track_running_stats=False)
+    # beside BatchNorms): fix_inorm leaves the norms they match, there is nothing to restore
+    found.without_stats = {name.rsplit(".", 1)[0] for name in entries
+                           if name.endswith(".weight") and name.rsplit(".", 1)[0] not in prefixes}
+    return found
 
 
 def _as_vector(value, key: str, source: str) -> np.ndarray:

@@ -158,9 +158,13 @@ def _plan_old_style(ix: GraphIndex, opts, result: PassResult) -> list:
                             "per instance: nothing to restore")
         return []
     matched, reasons = match_modules(ix, nodes, list(stats or []))
-    plan, unmatched = [], {}
+    plain = getattr(stats, "without_stats", frozenset())
+    plan, unmatched, per_instance = [], {}, []
     for n in nodes:
-        if n.label in matched:
+        if n.label not in matched and not (calibrated and n.node.input[0] in calibrated) and (
+                {*scope_paths(n.node), n.node.input[1].rsplit(".", 1)[0]} & plain):
+            per_instance.append(n.label)  # the checkpoint has its weights, no running stats
+        elif n.label in matched:
             module, method = matched[n.label]
             plan.append((n, module.name, module.running_mean, module.running_var))
             result.details["norms"].append({"node": n.label, "module": module.name, "method": method, "channels": n.channels})
@@ -170,11 +174,16 @@ def _plan_old_style(ix: GraphIndex, opts, result: PassResult) -> list:
                                             "channels": n.channels})
         else:
             unmatched[n.label] = reasons.get(n.label, "no stats given") if stats is not None else "no stats given"
+    if per_instance:
+        result.details["per_instance"] = per_instance
+        result.notes.append(f"left {len(per_instance)} InstanceNormalization node(s) as exported "
+                            f"({', '.join(per_instance[:10])}{' ...' if len(per_instance) > 10 else ''}): the checkpoint "
+                            "holds their weights but no running statistics (track_running_stats=False): nothing to restore")
     if unmatched:
         listing = "; ".join(f"{label}: {why}" for label, why in unmatched.items())
         result.details["unmatched"] = unmatched
-        if opts.get("allow_partial") and len(unmatched) == len(nodes):
-            raise NormfixError(f"fix_inorm: --allow-partial, but none of the {len(nodes)} InstanceNormalization "
+        if opts.get("allow_partial") and not plan:
+            raise NormfixError(f"fix_inorm: --allow-partial, but none of the {len(unmatched)} InstanceNormalization "
                                f"node(s) matched the given statistics: {listing}")
         if not opts.get("allow_partial"):
             hint = " (are these stats from another model?)" if not matched and stats else ""

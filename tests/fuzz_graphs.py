@@ -292,7 +292,7 @@ def check_case(case: Case) -> str:
         raise Skip(f"onnxruntime cannot run the original: {str(exc).splitlines()[0][:120]}") from None
 
     # plain InstanceNorms have no stats here: fix_inorm must leave them (and say so), with no
-    # option (--allow-partial with nothing to match against is a usage error)
+    # flag needed (issue 11 item 10; --allow-partial without stats is an error since)
     options = {}
     if case.random:  # the tool's own validator controls the draws; it must agree
         result = nf.optimize(model, passes=case.passes, **options)

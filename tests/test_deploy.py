@@ -185,7 +185,8 @@ def test_item3_refuses_a_data_file_the_existing_output_does_not_read(tmp_path, c
     foreign = tmp_path / "out.onnx.data"
     foreign.write_bytes(b"another model's weights")
     assert cli.main([str(src), str(out)]) == 2
-    one_line_error(capsys.readouterr().err, "refusing to overwrite out.onnx.data", "move that file away")
+    one_line_error(capsys.readouterr().err, "refusing to overwrite out.onnx.data", "move that file away",
+                   "no model in that folder reads it")
     assert foreign.read_bytes() == b"another model's weights" and not out.exists()
     # the mv case: old.onnx (moved away from out.onnx) still reads out.onnx.data
     assert cli.main([str(src), str(out), "-q"]) == 2  # still refused
@@ -194,7 +195,7 @@ def test_item3_refuses_a_data_file_the_existing_output_does_not_read(tmp_path, c
     assert cli.main([str(src), str(out), "-q"]) == 0
     os.rename(out, tmp_path / "old.onnx")
     assert cli.main([str(src), str(out)]) == 2
-    one_line_error(capsys.readouterr().err, "refusing to overwrite out.onnx.data")
+    one_line_error(capsys.readouterr().err, "refusing to overwrite out.onnx.data", "old.onnx reads it")
     assert_close(outputs(tmp_path / "old.onnx"), outputs(src))
     # twin: the data file of the existing OUT itself is fine to replace
     os.rename(tmp_path / "old.onnx", out)
@@ -713,3 +714,49 @@ def test_bad_numbers_in_the_library(conv_bn_file, options):
 def test_good_numbers_pass(conv_bn_file, tmp_path):
     assert cli.main([str(conv_bn_file), str(tmp_path / "o.onnx"), "-q", "--seed", "4294967295", "--rtol", "0",
                      "--atol", "1e-3"]) == 0
+
+
+@pytest.fixture(scope="module")
+def bn_and_plain_inorm(tmp_path_factory):
+    """A real export mixing BatchNorm2d (running stats) and InstanceNorm2d(affine=True,
+    track_running_stats=False): the checkpoint has stats, but none for the InstanceNorm."""
+    import torch
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.InstanceNorm2d(8, affine=True),
+                              torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    with torch.no_grad():  # non-trivial stats and affine parameters
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+        net[4].weight.uniform_(0.5, 1.5)
+        net[4].bias.uniform_(-0.5, 0.5)
+    net.eval()
+    folder = tmp_path_factory.mktemp("bn_and_inorm")
+    x = torch.randn(1, 3, 16, 16)
+    torch.onnx.export(net, (x,), str(folder / "g.onnx"), dynamo=False, opset_version=17, input_names=["x"],
+                      output_names=["y"], do_constant_folding=False)
+    torch.save(net.state_dict(), folder / "g.pt")
+    with torch.no_grad():
+        np.savez(folder / "io.npz", x=x.numpy(), y=net(x).numpy())
+    return folder
+
+
+def test_item10_a_checkpoint_without_stats_for_that_module_leaves_it(bn_and_plain_inorm, tmp_path):
+    src = bn_and_plain_inorm / "g.onnx"
+    ops = [n.op_type for n in onnx.load(src).graph.node]
+    assert ops.count("BatchNormalization") == 1 and ops.count("InstanceNormalization") == 1
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    io = np.load(bn_and_plain_inorm / "io.npz")
+    np.savez(tmp_path / "x.npz", x=io["x"])
+    np.savez(tmp_path / "y.npz", y=io["y"])
+    assert cli.main([str(src), str(out), "--passes", "fix_inorm,fold_bn", "--stats", str(bn_and_plain_inorm / "g.pt"),
+                     "--report", str(report), "-q", "--inputs", str(tmp_path / "x.npz"),
+                     "--reference", str(tmp_path / "y.npz")]) == 0
+    rep = json.loads(report.read_text())
+    (stage,) = [p for p in rep["passes"] if p["name"] == "fix_inorm"]
+    assert stage["rewrites"] == 0 and stage["details"]["per_instance"] == ["/4/InstanceNormalization"]
+    assert any("holds their weights but no running statistics" in n for n in stage["notes"])
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert ops.count("InstanceNormalization") == 1 and "BatchNormalization" not in ops  # the BN was folded
+    assert rep["reference"]["status"] == "passed"  # equal to PyTorch eval
