@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rtol", type=float, help="relative tolerance (default by dtype: fp32 1e-4, fp16 1e-2)")
     g.add_argument("--atol", type=float, help="absolute tolerance (default by dtype: fp32 1e-5, fp16 1e-3)")
     g.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
-                   help="shape of an input, or NAME:N for a named symbolic dim (repeatable; other symbolic dims: 1)")
+                   help="shape of an input, or NAME:N for a named symbolic dim (repeatable; other symbolic dims: batch 2, others "
+                        "large enough for every conv to see more than its kernel centre)")
     g.add_argument("--inputs", metavar="FILE.npz", help="validate on these input arrays (keys: input names)")
     g.add_argument("--reference", metavar="FILE.npz",
                    help="expected outputs for --inputs (e.g. from PyTorch); the final model must match them")
@@ -113,6 +114,10 @@ def _print_summary(report: dict, verbose: bool, out) -> None:
                 print(f"      {note}", file=out)
             for name, o in (v.get("outputs") or {}).items():
                 print(f"      output {name}: max abs {o.get('max_abs_diff')}, max rel {o.get('max_rel_diff')}", file=out)
+    fed = next((e["validation"] for e in report["passes"] if e["validation"].get("feed_shapes")), None)
+    if fed:  # which shapes the proof ran on (symbolic dims are chosen unless --input-shape sets them)
+        shapes = ", ".join(f"{n} {'x'.join(map(str, s)) or 'scalar'}" for n, s in fed["feed_shapes"].items())
+        print(f"  validation feeds: {shapes} ({fed['draws']} draws)", file=out)
     if "reference" in report:
         r = report["reference"]
         print(f"  reference: {r['status']} (max abs diff {r['max_abs_diff']:.3g})", file=out)

@@ -189,8 +189,8 @@ def _load_arrays(value, what: str):
     except Exception as exc:
         raise NormfixError(f"{what}: cannot read {path} as .npz: {V._first_line(exc)}") from None
     for k, v in arrays.items():
-        if not isinstance(v, np.ndarray) or v.dtype.kind not in "biufc":
-            raise NormfixError(f"{what}: {path}: entry {k!r} is not a numeric array")
+        if not isinstance(v, np.ndarray) or v.dtype.kind not in "biufcUS":  # strings too: inputs may be string tensors
+            raise NormfixError(f"{what}: {path}: entry {k!r} is not a numeric or string array")
     return arrays
 
 
