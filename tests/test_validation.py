@@ -348,3 +348,18 @@ def test_random_uniform_like_with_low_equal_high(low, high, temp_pass):
     temp_pass("shifted", shifted, order=10, options=dict(PASSES["replace_random"].options))
     with pytest.raises(nf.ValidationError, match="'y'"):
         nf.optimize(_uniform_model(low, high), passes=["shifted"])
+
+
+def test_fp16_is_judged_against_its_own_rounding(temp_pass):
+    """Held to float32 tolerances, a legitimate fp16 fold fails a naive element-wise test on
+    fp16 rounding; against a float32 computation of the previous stage it is as close as the
+    original, so it passes. The fold whose W * s underflows is far further: caught."""
+    from test_mutations import fp16_model, naive_fp16_fold
+
+    temp_pass("fp16_fold", naive_fp16_fold)
+    v = _stage(fp16_model(gamma=0.7, gain=30.0), passes=["fp16_fold"], rtol=1e-4, atol=1e-5)
+    y = v["outputs"]["y"]
+    assert v["status"] == "passed" and y["own_rounding"] == "checked"
+    assert y["new_vs_float32_max"] <= 2 * y["old_vs_float32_max"] and y["max_abs_diff"] > 1e-5 + 1e-4 * 100
+    with pytest.raises(nf.ValidationError, match="further from the float32 reference"):
+        _stage(fp16_model(gamma=3e-5, gain=1000.0), passes=["fp16_fold"], rtol=1e-4, atol=1e-5)
