@@ -401,3 +401,14 @@ def test_cli_writes_noise_feeds(tmp_path):
     assert saved.files == ["noise__RandomNormalLike"]
     np.testing.assert_array_equal(saved["noise__RandomNormalLike"],
                                   noise_feeds(onnx.load(str(out)), seed=4, shapes={"x": (3, 4)})["noise__RandomNormalLike"])
+
+
+def test_binding_of_a_degenerate_op_is_finite():
+    """RandomUniformLike(low == high) and RandomNormalLike(scale 0) draw a constant: the
+    pass's own binding must not divide by zero (it used to feed NaN)."""
+    from onnx_normfix.passes.replace_random import _make_feed
+
+    uniform = _make_feed(dict(op="RandomUniformLike", a=2.0, b=2.0, elem=TensorProto.FLOAT, dist="uniform"), "t")
+    normal = _make_feed(dict(op="RandomNormalLike", a=1.0, b=0.0, elem=TensorProto.FLOAT, dist="normal"), "t")
+    assert np.isfinite(uniform({"t": np.full(3, 2, np.float32)})).all()
+    assert np.isfinite(normal({"t": np.ones(3, np.float32)})).all()
