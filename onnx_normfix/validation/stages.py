@@ -245,7 +245,8 @@ class Stages:
             verdict["distribution"] = dist
             if dist.get("runs"):
                 checks.append(f"noise distribution over {dist['runs']} runs")
-        batch = self._batch_check(p, before, after, new_draws, new, data)
+        # (with shared random ops the new stage ran cut: its own random ops would redraw)
+        batch = self._batch_check(p, before, after, new_draws, new, data) if not shared else None
         if batch is not None:
             checks.append(f"batch {batch}")
         return {"status": "passed" if preserving else "changed", "checks": checks, **verdict}
