@@ -78,9 +78,12 @@ def input_scale(feeds: dict) -> float:
     for v in feeds.values():
         v = np.asarray(v) if not isinstance(v, list) else np.zeros(0)
         if v.size and (np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16"):
-            f = v.astype(np.float64)
-            f = f[np.isfinite(f)]
-            total += float(np.sum(f * f))
+            f = v.astype(np.float64, copy=False).ravel()
+            square = float(np.dot(f, f))
+            if not np.isfinite(square):  # NaN/Inf in real --inputs: the finite part's size
+                f = f[np.isfinite(f)]
+                square = float(np.dot(f, f))
+            total += square
             count += f.size
     return max(1.0, float(np.sqrt(total / count))) if count else 1.0
 
@@ -295,3 +298,56 @@ def float32_copy(model: onnx.ModelProto) -> onnx.ModelProto | None:
 def float32_draws(draws: list[dict]) -> list[dict]:
     return [{k: (np.asarray(v).astype(np.float32) if np.asarray(v).dtype.name in LOW_PRECISION else v)
              for k, v in d.items()} for d in draws]
+
+
+def compare_many(olds: list[dict], news: list[dict], rtol=None, atol=None, scales: list[float] | None = None) -> dict:
+    """`compare_draws` for many small outputs (the rewrite sites of a large graph): the same
+    element-wise rule, evaluated on all float outputs of a draw at once; passing outputs get
+    their max abs/rel error, any other output the full per-output figures."""
+    outputs: dict = {}
+    for k, (old, new) in enumerate(zip(olds, news)):
+        scale = scales[k] if scales and atol is None else 1.0
+        simple, rest = [], []
+        for name, a in old.items():
+            b = new.get(name)
+            if (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.dtype == b.dtype
+                    and a.size and _is_float(a.dtype)):
+                simple.append(name)
+            else:
+                rest.append(name)
+        figures = {}
+        if simple:
+            a = np.concatenate([old[n].astype(np.float64).ravel() for n in simple])
+            b = np.concatenate([new[n].astype(np.float64).ravel() for n in simple])
+            sizes = np.array([old[n].size for n in simple])
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            tol = np.array([tolerances(old[n].dtype, rtol, atol) for n in simple])
+            rt, at = np.repeat(tol[:, 0], sizes), np.repeat(tol[:, 1] * scale, sizes)
+            finite = np.isfinite(a) & np.isfinite(b)
+            diff = np.where(finite, np.abs(a - b), 0.0)
+            absa = np.abs(np.where(finite, a, 0.0))
+            bad = (diff > at + rt * absa) | ~finite
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel = np.where(absa > 0, diff / absa, np.where(diff > 0, np.inf, 0.0))
+            any_bad = np.maximum.reduceat(bad, starts)
+            max_abs = np.maximum.reduceat(diff, starts)
+            max_rel = np.maximum.reduceat(rel, starts)
+            for i, n in enumerate(simple):
+                if any_bad[i]:
+                    rest.append(n)  # NaN/Inf or out of tolerance: the full figures say where
+                else:
+                    figures[n] = {"shape": list(old[n].shape), "dtype": str(old[n].dtype), "ok": True,
+                                  "max_abs_diff": float(max_abs[i]), "max_rel_diff": float(max_rel[i])}
+        for n in rest:
+            figures[n] = (compare_value(old[n], new[n], rtol, atol, None, scale) if n in new else
+                          {"ok": False, "reason": "output missing after the pass", "max_abs_diff": None, "max_rel_diff": None})
+        for n, e in figures.items():
+            e["draw"] = k
+            outputs[n] = e if n not in outputs else _worse(outputs[n], e)
+    if len(olds) > 1:
+        for e in outputs.values():
+            e["draws"] = len(olds)
+    worst_abs = max((_or_inf(e.get("max_abs_diff")) for e in outputs.values()), default=0.0)
+    worst_rel = max((_or_inf(e.get("max_rel_diff")) for e in outputs.values()), default=0.0)
+    return {"ok": all(e["ok"] for e in outputs.values()), "max_abs_diff": worst_abs, "max_rel_diff": worst_rel,
+            "outputs": outputs}
