@@ -363,3 +363,15 @@ def test_fp16_is_judged_against_its_own_rounding(temp_pass):
     assert y["new_vs_float32_max"] <= 2 * y["old_vs_float32_max"] and y["max_abs_diff"] > 1e-5 + 1e-4 * 100
     with pytest.raises(nf.ValidationError, match="further from the float32 reference"):
         _stage(fp16_model(gamma=3e-5, gain=1000.0), passes=["fp16_fold"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_draw_the_input_model_cannot_run_is_dropped_not_refused():
+    """floats cast to indices: N(0, 1) draws index a 4-row table, [0, 255] ones do not. The
+    model runs on onnxruntime, so the tool accepts it and compares on the draws that run."""
+    m = _with(conv_bn_model(), [helper.make_node("Abs", ["k"], ["ka"]), helper.make_node("Cast", ["ka"], ["ki"], to=TensorProto.INT64),
+                                helper.make_node("Gather", ["table", "ki"], ["g"], axis=0)],
+              inputs=[helper.make_tensor_value_info("k", TensorProto.FLOAT, [3])],
+              outputs=[helper.make_tensor_value_info("g", TensorProto.FLOAT, [3, 2])],
+              inits=[numpy_helper.from_array(np.zeros((6, 2), np.float32), "table")])
+    v = _stage(m)
+    assert v["status"] == "passed" and v["draws"] == 1 and "draw 1 (and later) not used" in v["feed_notes"][0]

@@ -141,8 +141,9 @@ def plan_shapes(model: onnx.ModelProto, shapes: dict | None = None, inputs: dict
             for d, v in zip(declared_dims(vi), fixed):
                 if isinstance(d, str):
                     given.setdefault(d, int(v))
+    input_names = {vi.name for vi in real}
     for k, v in shapes.items():
-        if np.ndim(v) == 0 or (np.ndim(v) == 1 and len(np.ravel(v)) == 1 and k not in {vi.name for vi in real}):
+        if k not in input_names and np.size(v) == 1:
             given.setdefault(k, int(np.ravel(v)[0]))
     batch_dims = _batch_dims(real)
     plan = FeedPlan(shapes={}, dims=dict(given))

@@ -14,6 +14,7 @@ needed; a freed batch axis checked with distinct samples run together and alone.
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import onnx
@@ -77,6 +78,7 @@ class Stages:
         self.staged: Staged | None = None
         self.path: str | None = None
         self.unavailable: str | None = None  # why no feeds can be made (a string input...)
+        self.notes: list[str] = []  # about the feeds, repeated in every stage's verdict
         check_shape_names(model, options.shapes)
         self.candidates = shape_candidates(model, options.shapes, options.inputs)
         self.plan: FeedPlan = self.candidates[0]
@@ -104,7 +106,18 @@ class Stages:
                 self.plan = plan
                 self.draws = make_draws(model, plan, self.options.seed, self.options.inputs, self.options.draws)
             try:
-                return run_draws(model, self.draws, serialized=data, path=path)
+                try:
+                    return run_draws(model, self.draws, serialized=data, path=path)
+                except NormfixError as exc:
+                    # the shapes run, a later draw's values do not (image-range floats cast to
+                    # indices, say): compare on the draws the model accepts, and say so
+                    failed = re.match(r"onnxruntime failed to run the model: draw (\d+): (.*)", str(exc))
+                    if not failed:
+                        raise
+                    self.draws = self.draws[:int(failed.group(1))]
+                    self.notes.append(f"draw {failed.group(1)} (and later) not used: the input model fails on it "
+                                      f"({failed.group(2)})")
+                    return run_draws(model, self.draws, serialized=data, path=path)
             except RuntimeCrashed:
                 return None
             except RuntimeUnavailable as exc:
@@ -124,7 +137,8 @@ class Stages:
                            "with --input-shape NAME:1x3x224x224, or real --inputs")
 
     def feeds_used(self) -> dict:
-        return {"feed_shapes": {n: list(s) for n, s in self.plan.shapes.items()}, "draws": len(self.draws)}
+        used = {"feed_shapes": {n: list(s) for n, s in self.plan.shapes.items()}, "draws": len(self.draws)}
+        return {**used, "feed_notes": list(self.notes)} if self.notes else used
 
     # ---- one stage ----------------------------------------------------------------------
     def check(self, p, result, after: onnx.ModelProto, full_check: bool) -> dict:
