@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--atol", type=_tolerance, help="absolute tolerance, finite >= 0 (default by dtype: fp32 1e-5, fp16 1e-3)")
     g.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
                    help="shape of an input (NAME:1x3x224x224 or NAME:1,3,224,224), or NAME:N for a named "
-                        "symbolic dim (repeatable; other symbolic dims: 1)")
+                        "symbolic dim (repeatable; other symbolic dims: batch 2, others large enough for every "
+                        "conv to see more than its kernel centre)")
     g.add_argument("--inputs", metavar="FILE.npz", help="validate on these input arrays (keys: input names)")
     g.add_argument("--reference", metavar="FILE.npz",
                    help="expected outputs for --inputs (e.g. from PyTorch); the final model must match them")

@@ -12,7 +12,6 @@ a pass that changes outputs on purpose is reported as `changed`, with the size o
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from dataclasses import dataclass, field
@@ -110,10 +109,10 @@ def _optimize(model, passes, validate: bool, partial: dict, **options: Any) -> R
             report["notes"] = [check_note]
 
         inputs = _load_arrays(opts["inputs"], "--inputs")
-        stage = _Stages(work, V.Options(seed=opts["seed"], rtol=opts["rtol"], atol=opts["atol"],
-                                        shapes=opts["input_shapes"], inputs=inputs),
-                        _Snapshot(work, data), opts["full_validation"], staged and staged.path,
-                        external) if validate else None
+        stage = V.Stages(work, V.Options(seed=opts["seed"], rtol=opts["rtol"], atol=opts["atol"],
+                                         shapes=opts["input_shapes"], inputs=inputs),
+                         V.Snapshot(work, data), opts["full_validation"], staged and staged.path,
+                         external, WHOLE_MODEL_NODES) if validate else None
     finally:
         if staged is not None:
             staged.cleanup()
@@ -188,8 +187,8 @@ def _load_arrays(value, what: str):
     except Exception as exc:
         raise NormfixError(f"{what}: cannot read {path} as .npz: {V._first_line(exc)}") from None
     for k, v in arrays.items():
-        if not isinstance(v, np.ndarray) or v.dtype.kind not in "biufc":
-            raise NormfixError(f"{what}: {path}: entry {k!r} is not a numeric array")
+        if not isinstance(v, np.ndarray) or v.dtype.kind not in "biufcUS":  # strings too: inputs may be string tensors
+            raise NormfixError(f"{what}: {path}: entry {k!r} is not a numeric or string array")
     return arrays
 
 
@@ -229,201 +228,3 @@ def _stage_line(entry: dict) -> str:
             f"{entry['nodes_after']}, validation {v['status']}{figure}, {entry['seconds']:.2f} s")
 
 
-class _Snapshot:
-    """A stage's model as bytes (none over 2 GB or with external data), parsed back only when
-    a check needs it, plus the little the checks read of it directly."""
-
-    def __init__(self, model: onnx.ModelProto, data: bytes | None):
-        # Over 2 GB or with external data there are no bytes, and a copy would double the
-        # peak memory: such a stage is compared through its cached outputs only.
-        self.data = data
-        self._model = None
-        self.random = V.random_nodes(model)
-        self.inputs = [copy.deepcopy(vi) for vi in V.real_inputs(model)]
-        self.output_names = {o.name for o in model.graph.output}
-        self.node_count = len(model.graph.node)
-
-    @property
-    def model(self) -> onnx.ModelProto | None:
-        if self._model is None and self.data is not None:
-            self._model = onnx.ModelProto.FromString(self.data)
-        return self._model
-
-
-class _Stages:
-    """Carries the previous stage (bytes and outputs) from one pass to the next, so each stage
-    costs one serialization and one onnxruntime session (two where random draws are captured)."""
-
-    def __init__(self, model: onnx.ModelProto, options: V.Options, first: _Snapshot, full: bool = False,
-                 path: str | None = None, external: bool = False):
-        self.options = options
-        self.full = full
-        self.external = external  # stages are staged as files, never serialized whole
-        self.feeds = V.make_feeds(model, options.seed, options.shapes, options.inputs)
-        self.prev = first
-        self.current = True  # self.prev.data are the bytes of the model as it is now
-        self.outputs: dict | None = None  # outputs of the previous stage on self.feeds
-        # the staged copy of the stage being checked, when it has no bytes (see V.Staged)
-        self.staged: V.Staged | None = None
-        self.path: str | None = None
-        # Random draws are captured by the stage that needs them; a graph over
-        # WHOLE_MODEL_NODES is checked at its rewrite sites, never as a whole session.
-        if not first.random and (full or first.node_count <= WHOLE_MODEL_NODES):
-            self.outputs = self._run_input(model, first.data, path)
-
-    def _run_input(self, model: onnx.ModelProto, data: bytes | None, path: str | None = None) -> dict | None:
-        """Run the input once. If onnxruntime cannot load a model made of standard ops only,
-        the input is broken (or newer than onnxruntime): stop and say so. Custom-domain
-        models and models that crash onnxruntime are compared by no stage (`skipped`)."""
-        try:
-            return V.run_model(model, self.feeds, serialized=data, path=path)
-        except V.RuntimeCrashed:
-            return None
-        except V.RuntimeUnavailable as exc:
-            custom = {n.domain for n in model.graph.node} - {"", "ai.onnx", "ai.onnx.ml"}
-            if custom or model.functions:
-                return None
-            raise NormfixError(f"onnxruntime cannot load the input model: {exc} "
-                               "(use --no-validate to skip validation)") from None
-
-    def check(self, p: Pass, result: PassResult, after: onnx.ModelProto, full_check: bool) -> dict:
-        try:
-            return self._check(p, result, after, full_check)
-        finally:
-            if self.staged is not None:
-                self.staged.cleanup()
-                self.staged, self.path = None, None
-
-    def _check(self, p: Pass, result: PassResult, after: onnx.ModelProto, full_check: bool) -> dict:
-        preserving = p.preserves_outputs and not result.changes_outputs
-        if result.rewrites == 0 and not result.input_bindings:
-            self.current = False  # a pass may still have swept dead code: bytes are stale
-            return {"status": "skipped", "reason": "nothing rewritten", "max_abs_diff": 0.0, "max_rel_diff": 0.0}
-        self.current = True
-        before, data = self.prev, (None if self.external else model_io.serialize(after))
-        self.prev = _Snapshot(after, data)
-        if data is None:  # written once, read by the checker and every onnxruntime run below
-            self.staged = V.Staged(after)
-            self.path = self.staged.path
-        self._checker(p, data if data is not None else self.staged, full_check)
-        if (preserving and result.sites and not result.input_bindings and not self.full
-                and before.node_count > WHOLE_MODEL_NODES and before.data is not None):
-            return self._check_sites(p, result, before.model, after)
-        now_random = V.random_nodes(after)
-        shared = {o for o, d in now_random.items() if before.random.get(o) == d}
-        needs = {n for b in result.input_bindings.values() for n in b.needs}
-        extras = shared | needs
-        if before.data is None and (extras or self.outputs is None or before.random):
-            return {"status": "skipped", "reason": "previous stage (external data or over 2 GB) was not kept "
-                    "(its outputs could not be computed, or random draws would have to be captured)"}
-        try:
-            # A model with random ops is re-run: its cached outputs are draws, not values.
-            if extras or self.outputs is None or before.random:
-                old = (V.run_model(before.model, self.feeds, extra_outputs=sorted(extras)) if extras
-                       else V.run_model(None, self.feeds, serialized=before.data))
-            else:
-                old = dict(self.outputs)
-        except V.RuntimeUnavailable as exc:
-            return {"status": "skipped", "reason": f"onnxruntime cannot run this model ({exc}); outputs not compared"}
-        try:
-            missing = extras - set(old)
-            if missing:
-                raise NormfixError(f"cannot capture {', '.join(sorted(missing))} from the previous stage")
-            captured = {n: old[n] for n in extras}
-            for n in extras - before.output_names:
-                del old[n]
-            feeds = {**self.feeds, **{n: captured[n] for n in shared}}
-            for name, binding in result.input_bindings.items():
-                feeds[name] = binding.make_feed({n: captured[n] for n in binding.needs})
-            if shared:
-                new = V.run_model(V.cut_random(after, {n: captured[n] for n in shared}), feeds)
-            else:
-                new = V.run_model(after, feeds, serialized=data, path=self.path)
-        except V.RuntimeUnavailable as exc:  # the previous stage ran: the pass broke the model
-            raise ValidationError(f"after pass {p.name}, onnxruntime cannot load the model: {exc}", stage=p.name) from None
-        except NormfixError as exc:
-            raise ValidationError(f"after pass {p.name}: {exc}", stage=p.name) from None
-        uncontrolled = set(now_random) - shared
-        cmp = V.compare(old, new, self.options.rtol, self.options.atol)
-        self.feeds = {**self.feeds, **{k: feeds[k] for k in result.input_bindings}}
-        self.outputs = new if not uncontrolled else None
-        verdict = {"max_abs_diff": cmp["max_abs_diff"], "max_rel_diff": cmp["max_rel_diff"], "outputs": cmp["outputs"]}
-        if uncontrolled:
-            return {"status": "skipped", "reason": f"random ops not controlled: {', '.join(sorted(uncontrolled))}", **verdict}
-        if preserving and not cmp["ok"]:
-            bad = next(n for n, e in cmp["outputs"].items() if not e["ok"])
-            e = cmp["outputs"][bad]
-            raise ValidationError(
-                f"pass {p.name} changed output {bad!r}: {e.get('reason')} "
-                f"(max abs diff {_fmt(e.get('max_abs_diff'))}, max rel diff {_fmt(e.get('max_rel_diff'))})",
-                stage=p.name, details=verdict)
-        structural = [n for n, e in cmp["outputs"].items() if not e["ok"] and e.get("max_abs_diff") is None]
-        if structural:
-            raise ValidationError(f"pass {p.name} changed output {structural[0]!r}: "
-                                  f"{cmp['outputs'][structural[0]].get('reason')}", stage=p.name, details=verdict)
-        checks = ["checker", "whole model"]
-        batch = self._batch_check(p, before, after, feeds, new, data)
-        if batch is not None:
-            checks.append(f"batch {batch}")
-        return {"status": "passed" if preserving else "changed", "checks": checks, **verdict}
-
-    def _batch_check(self, p: Pass, before: _Snapshot, after, feeds: dict, new: dict, data) -> int | None:
-        """Where the pass made a fixed batch axis symbolic, run the new model at twice the
-        batch (the feeds stacked on themselves): every batched output must be its stage
-        output stacked likewise. Returns the batch size checked, or None if not needed."""
-        fixed = {i.name for i in before.inputs if _leading_dim(i) == "fixed"}
-        grown = [i.name for i in V.real_inputs(after) if i.name in fixed and _leading_dim(i) == "symbolic"]
-        if not grown:
-            return None
-        doubled = {k: (np.concatenate([v, v]) if k in grown else v) for k, v in feeds.items()}
-        try:
-            got = V.run_model(after, doubled, serialized=data, path=self.path)
-        except (V.RuntimeUnavailable, NormfixError) as exc:
-            raise ValidationError(f"pass {p.name} made the batch symbolic, but the model fails at batch "
-                                  f"{len(doubled[grown[0]])}: {exc}", stage=p.name) from None
-        want = {k: (np.concatenate([v, v]) if got[k].shape[:1] == (2 * v.shape[0],) else v)
-                for k, v in new.items() if v.ndim}
-        cmp = V.compare(want, {k: got[k] for k in want}, self.options.rtol, self.options.atol)
-        if not cmp["ok"]:
-            bad = next(n for n, e in cmp["outputs"].items() if not e["ok"])
-            raise ValidationError(f"pass {p.name}: at batch {len(doubled[grown[0]])} output {bad!r} is not "
-                                  f"the stacked batch-{len(feeds[grown[0]])} output: {cmp['outputs'][bad].get('reason')}",
-                                  stage=p.name, details=cmp)
-        return len(doubled[grown[0]])
-
-    def _check_sites(self, p: Pass, result: PassResult, before, after) -> dict:
-        self.outputs = None  # the whole model was not run: nothing to reuse next stage
-        try:
-            cmp = V.check_sites(before, after, result.sites, self.options)
-        except V.RuntimeUnavailable as exc:
-            return {"status": "skipped", "reason": f"onnxruntime cannot run the rewrite sites ({exc})"}
-        if cmp["ok"] is None:
-            return {"status": "skipped", "reason": cmp["reason"], "checks": ["checker"]}
-        verdict = {"max_abs_diff": cmp["max_abs_diff"], "max_rel_diff": cmp["max_rel_diff"],
-                   "outputs": cmp["outputs"], "checks": ["checker", f"{cmp['sites']} rewrite sites"]}
-        if not cmp["ok"]:
-            bad = next(n for n, e in cmp["outputs"].items() if not e["ok"])
-            raise ValidationError(f"pass {p.name} changed tensor {bad!r} at its rewrite site: "
-                                  f"{cmp['outputs'][bad].get('reason')}", stage=p.name, details=verdict)
-        return {"status": "passed", **verdict}
-
-    @staticmethod
-    def _checker(p: Pass, data: bytes | V.Staged | None, full_check: bool) -> None:
-        """`data`: the model's bytes, or its staged copy."""
-        if data is None:
-            return
-        try:
-            _run_checker(data, full_check=full_check)
-        except Exception as exc:
-            raise ValidationError(f"pass {p.name} produced an invalid model: {V._first_line(exc)}", stage=p.name) from None
-
-
-def _leading_dim(vi: onnx.ValueInfoProto) -> str | None:
-    dims = vi.type.tensor_type.shape.dim
-    if not dims:
-        return None
-    return "fixed" if dims[0].HasField("dim_value") else "symbolic"
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.3g}"

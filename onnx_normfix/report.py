@@ -136,24 +136,25 @@ def _feeds(run, base: dict, passes: list[dict], model) -> dict:
 
 
 def _derived_shapes(model, shapes: dict | None, inputs_file) -> dict:
+    """The shapes the validator plans for `model` (when it recorded none itself)."""
     import numpy as np
 
     from .noise import noise_inputs
+    from .validation.feeds import plan_shapes
 
-    try:
-        from .validate import input_shape, real_inputs
-    except ImportError:  # the validator as a package (onnx_normfix/validation/)
-        from .validation import input_shape, real_inputs
-
-    given = {}
+    given = dict(shapes or {})
     if inputs_file:
         try:
             with np.load(inputs_file, allow_pickle=False) as data:
-                given = {k: list(data[k].shape) for k in data.files}
+                given.update({k: list(data[k].shape) for k in data.files})
         except Exception:
-            given = {}
+            pass
+    try:
+        planned = plan_shapes(model, given).shapes
+    except Exception:  # a report is written whatever the input: no shapes rather than no report
+        return {}
     noise = set(noise_inputs(model))
-    return {vi.name: given.get(vi.name, input_shape(vi, shapes)) for vi in real_inputs(model) if vi.name not in noise}
+    return {name: list(shape) for name, shape in planned.items() if name not in noise}
 
 
 def _coverage(recorded, passes: list[dict], no_validate: bool, feeds: dict) -> dict:
@@ -163,9 +164,10 @@ def _coverage(recorded, passes: list[dict], no_validate: bool, feeds: dict) -> d
         cover.update({"summary": "not validated (--no-validate)", "whole_model": [], "rewrite_sites": 0,
                       "batch": [], "skipped": {}})
         return cover
-    whole, sites, batch, skipped = [], 0, [], {}
+    whole, sites, batch, skipped, draws = [], 0, [], {}, None
     for p in passes:
         v = p.get("validation") or {}
+        draws = draws or v.get("draws")
         for check in v.get("checks") or []:
             if check == "whole model":
                 whole.append(p["name"])
@@ -179,7 +181,8 @@ def _coverage(recorded, passes: list[dict], no_validate: bool, feeds: dict) -> d
     if whole:
         shapes = feeds.get("shapes")
         at = (" at " + ", ".join(f"{k}:{'x'.join(map(str, d))}" for k, d in shapes.items())) if shapes else ""
-        parts.append(f"whole model{at} (seed {feeds.get('seed')}) after {', '.join(whole)}")
+        drawn = f", {draws} draws" if draws else ""
+        parts.append(f"whole model{at} (seed {feeds.get('seed')}{drawn}) after {', '.join(whole)}")
     if sites:
         parts.append(f"{sites} rewrite sites")
     if batch:

@@ -107,9 +107,13 @@ def _make_feed(p: dict, out: str):
             return np.where(np.asarray(captured[out]) != 0, prob / 2, (1 + prob) / 2).astype(dtype)
     elif p["dist"] == "normal":
         def feed(captured):
+            if b == 0:  # scale 0: every draw is the mean, whatever the noise
+                return np.zeros(np.shape(captured[out]), dtype)
             return ((np.asarray(captured[out], np.float64) - a) / b).astype(dtype)
     else:
         def feed(captured):
+            if b == a:  # low == high: every draw is low, whatever the noise (not NaN)
+                return np.full(np.shape(captured[out]), 0.5, dtype)
             u = ((np.asarray(captured[out], np.float64) - a) / (b - a)).astype(dtype)
             return np.clip(u, 0, np.nextafter(dtype.type(1), dtype.type(0)))
     return feed

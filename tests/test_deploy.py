@@ -25,7 +25,8 @@ from conftest import FIXTURES, IR_VERSION, conv_bn_model
 from helpers import assert_close, ort_run
 
 import onnx_normfix
-from onnx_normfix import cli, model_io, validate
+from onnx_normfix import cli, model_io
+from onnx_normfix.validation import worker as validate  # the onnxruntime worker and its spill files
 from onnx_normfix.errors import NormfixError
 from onnx_normfix.registry import PASSES, Pass, PassResult
 
@@ -448,7 +449,7 @@ def test_item9_report_is_written_on_every_run_with_one_schema(conv_bn_file, tmp_
     if status == "ok":
         assert rep["error"] is None and rep["output"] == str(out)
         assert rep["files"]["output"]["bytes"] == out.stat().st_size
-        assert rep["feeds"]["shapes"] == {"x": [1, 3, 8, 8]}
+        assert rep["feeds"]["shapes"] == {"x": [2, 3, 8, 8]}  # symbolic batch: 2 distinct samples
         assert rep["passes"][0]["name"] == "fold_bn" and rep["passes"][0]["validation"]["status"] == "passed"
     else:
         assert rep["error"]["kind"] == kind and rep["output"] is None and rep["files"]["output"] is None
@@ -527,7 +528,7 @@ def test_item11_leftover_norms_with_reason_and_the_pass_that_would_handle_them(t
     assert json.loads(report.read_text())["leftovers"] == []
     printed = capsys.readouterr().out
     assert "left:" not in printed
-    assert "validation: whole model at x:2x3x32x32, c:2x1 (seed 0) after fix_inorm, fold_bn" in printed
+    assert "validation: whole model at x:2x3x32x32, c:2x1 (seed 0, 2 draws) after fix_inorm, fold_bn" in printed
 
 
 def test_item11_unfoldable_bn_and_decomposed_layernorm_are_named(tmp_path, capsys):
@@ -616,7 +617,9 @@ def test_item12_verbose_caps_per_site_detail_and_rounds(tmp_path, capsys, monkey
     printed = capsys.readouterr().out
     figures = [line for line in printed.splitlines() if "max abs diff" in line and line.startswith("      ")]
     assert figures and all(line.strip().startswith("tensor ") for line in figures), printed
-    assert not re.search(r"\d\.\d{4,}", printed), printed
+    # rounded to 3 significant digits (0.000488 is; 0.00048828125 is not)
+    digits = [len(m.group(1).lstrip("0")) for m in re.finditer(r"\d\.(\d+)", printed)]
+    assert digits and max(digits) <= 3, printed
     assert "1 rewrite sites" in printed
 
 

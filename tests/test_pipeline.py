@@ -47,8 +47,9 @@ def test_optimize_folds_and_reports(conv_bn_file):
     (stage,) = rep["passes"]
     assert stage["name"] == "fold_bn" and stage["rewrites"] == 1
     v = stage["validation"]
-    assert v["status"] == "passed" and v["max_abs_diff"] < 1e-4
-    assert set(v["outputs"]) == {"y"}
+    # element-wise within rtol 1e-4 on N(0,1) and [0, 255] draws (outputs reach ~1e3 there)
+    assert v["status"] == "passed" and v["max_abs_diff"] < 1e-2 and v["outputs"]["y"]["ok"]
+    assert set(v["outputs"]) == {"y"} and v["draws"] == 2 and v["feed_shapes"] == {"x": [2, 3, 8, 8]}
     assert count_ops(result.model) == {"Conv": 1, "Relu": 1}
 
 
@@ -161,7 +162,7 @@ def test_random_model_compared_on_captured_draws():
     """fold_bn on a model with an unseeded random op: the draws are captured from the
     previous stage and fed to the next, so the comparison is real (and tight)."""
     v = nf.optimize(_random_model(), passes=["fold_bn"]).report["passes"][0]["validation"]
-    assert v["status"] == "passed" and v["max_abs_diff"] < 1e-4
+    assert v["status"] == "passed" and v["max_abs_diff"] < 1e-2 and v["outputs"]["y"]["ok"]  # on [0, 255] draws too
 
 
 def test_random_model_broken_pass_is_caught(temp_pass):
@@ -248,7 +249,7 @@ def test_large_graphs_are_checked_at_the_rewrite_sites(monkeypatch, temp_pass, n
         return
     v = nf.optimize(conv_bn_model(), passes=["fold_sites"]).report["passes"][0]["validation"]
     assert v["status"] == "passed" and v["checks"] == ["checker", "1 rewrite sites"]
-    assert v["max_abs_diff"] < 1e-4 and set(v["outputs"]) == {"bn_out"}
+    assert v["max_abs_diff"] < 1e-2 and set(v["outputs"]) == {"bn_out"} and v["outputs"]["bn_out"]["draws"] == 2
     # full_validation restores the whole-model comparison
     v = nf.optimize(conv_bn_model(), passes=["fold_sites"], full_validation=True).report["passes"][0]["validation"]
     assert v["checks"] == ["checker", "whole model"]
@@ -277,7 +278,7 @@ def test_symbolic_batch_on_a_model_that_mixes_samples_is_caught(temp_pass):
     ])
     model.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
     temp_pass("symbolic_batch", _symbolic_batch)
-    with pytest.raises(nf.ValidationError, match="at batch 4 output 'y' is not the stacked batch-2 output"):
+    with pytest.raises(nf.ValidationError, match=r"at batch 4 \(2 distinct samples\) output 'y' is not the batch-2 outputs of each sample stacked"):
         nf.optimize(model, passes=["symbolic_batch"])
 
 

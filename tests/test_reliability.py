@@ -771,9 +771,10 @@ def test_changed_random_op_is_not_reported_equivalent(temp_pass, change):
     assert v["status"] != "passed", v
 
 
-def test_wrong_noise_binding_is_caught(temp_pass):
-    """replace_random with an InputBinding that feeds the negated draws: the validator runs
-    the new stage on what the binding makes, so the lie shows on the noisy output."""
+def test_wrong_noise_binding_is_ignored(temp_pass):
+    """replace_random with an InputBinding that feeds the negated draws: the validator feeds
+    noise made from the original op's attributes, never the binding, so the lie changes
+    nothing (a wrong rewrite that the binding would hide: tests/test_mutations.py)."""
     import onnx_normfix as nf
     from onnx_normfix.passes import replace_random
 
@@ -785,9 +786,8 @@ def test_wrong_noise_binding_is_caught(temp_pass):
         return result
 
     temp_pass("lying_binding", lying, order=10)
-    with pytest.raises(nf.ValidationError, match="'y'") as info:
-        nf.optimize(_random_model(), passes=["lying_binding"])
-    assert {n for n, e in info.value.details["outputs"].items() if not e["ok"]} == {"y"}
+    v = nf.optimize(_random_model(), passes=["lying_binding"]).report["passes"][0]["validation"]
+    assert v["status"] == "passed" and v["max_abs_diff"] == 0.0
 
 
 def test_broken_pass_after_replace_random_is_caught_on_each_output(temp_pass):
@@ -801,7 +801,7 @@ def test_broken_pass_after_replace_random_is_caught_on_each_output(temp_pass):
     # twin: the real fold after replace_random passes on both outputs, compared on the draws
     rep = nf.optimize(_random_model(), passes=["replace_random", "fold_bn"]).report
     assert [p["validation"]["status"] for p in rep["passes"]] == ["passed", "passed"]
-    assert rep["passes"][1]["validation"]["max_abs_diff"] < 1e-4
+    assert rep["passes"][1]["validation"]["max_abs_diff"] < 1e-2  # [0, 255] draws: outputs ~1e3
 
 
 @pytest.mark.parametrize("fill", [np.nan, np.inf])

@@ -1,10 +1,11 @@
-"""The onnxruntime side of `validate.OrtWorker`, run as a child process by file path.
+"""The onnxruntime side of `validation.worker.OrtWorker`, run as a child process by file path.
 
 A model can crash onnxruntime itself (a segfault, seen with BN-9 declaring empty optional
 outputs); in a child process that costs one session, not the tool. Protocol on stdin/stdout:
 8-byte little-endian length + pickle, request `(model bytes or path, feeds)`, reply
 `(kind, payload)` with kind "ok" ({output: array}), "unavailable" (session creation failed)
-or "failed" (run failed). This file imports only numpy and onnxruntime: it starts fast.
+or "failed" (run failed). `feeds` may be a list of feed dicts (several draws): they all run in
+one session and the payload is a list of output dicts. This file imports only numpy and onnxruntime: it starts fast.
 """
 
 import pickle
@@ -59,14 +60,21 @@ def serve(inp, out) -> None:
             last_source = source
         names = [o.name for o in sess.get_outputs()]
         wanted = {i.name for i in sess.get_inputs()}
-        try:
-            values = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
-        except Exception as exc:
-            _write(out, ("failed", _first_line(exc)))
-            continue
+        many = isinstance(feeds, list)
+        results, failed = [], None
+        for k, feed in enumerate(feeds if many else [feeds]):
+            try:
+                values = sess.run(names, {n: v for n, v in feed.items() if n in wanted})
+            except Exception as exc:
+                failed = (f"draw {k}: " if many and k else "") + _first_line(exc)
+                break
+            results.append(dict(zip(names, values)))
         if not isinstance(source, bytes) or len(source) > (256 << 20):
             last_source, sess = None, None  # a big model's session is not kept between requests
-        _write(out, ("ok", dict(zip(names, values))))
+        if failed is not None:
+            _write(out, ("failed", failed))
+            continue
+        _write(out, ("ok", results if many else results[0]))
 
 
 if __name__ == "__main__":
