@@ -102,10 +102,24 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
             report["notes"] = notes
 
         inputs = _load_arrays(opts["inputs"], "--inputs")
-        stage = _Stages(work, V.Options(seed=opts["seed"], rtol=opts["rtol"], atol=opts["atol"],
-                                        shapes=opts["input_shapes"], inputs=inputs),
-                        _Snapshot(work, data), opts["full_validation"], staged and staged.path,
-                        external) if validate else None
+        try:
+            stage = _Stages(work, V.Options(seed=opts["seed"], rtol=opts["rtol"], atol=opts["atol"],
+                                            shapes=opts["input_shapes"], inputs=inputs),
+                            _Snapshot(work, data), opts["full_validation"], staged and staged.path,
+                            external) if validate else None
+        except NormfixError as exc:
+            finding = getattr(full_check, "tolerated", None)
+            if finding is None or isinstance(exc, ValidationError):
+                raise
+            # the checker's finding was only a note because onnxruntime might run the model
+            raise NormfixError(f"invalid ONNX model: {finding} (and {exc})") from None
+        finding = getattr(full_check, "tolerated", None)
+        if stage is not None and finding is not None and stage.outputs is None:
+            try:  # the input was not run yet: a model with a checker finding must run to be accepted
+                V.run_model(work, stage.feeds, serialized=data, path=staged and staged.path)
+            except (V.RuntimeUnavailable, V.RuntimeCrashed, NormfixError) as exc:
+                raise NormfixError(f"invalid ONNX model: {finding} (and onnxruntime cannot run it: "
+                                   f"{V._first_line(exc)})") from None
     finally:
         if staged is not None:
             staged.cleanup()
