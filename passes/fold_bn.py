@@ -108,10 +108,13 @@ def _fold(idx: GraphIndex, bn: onnx.NodeProto, opset: int) -> str | tuple[str, o
     if len({p.size for p in params}) != 1:
         return "scale, B, mean and var differ in length"
     scale, bias, mean, var = (np.asarray(p, dtype=np.float64).reshape(-1) for p in params)
-    denominator = var + attr(bn, "epsilon", 1e-5)
-    if not np.all(denominator > 0):  # NaN too
-        k = int(np.argmin(np.where(np.isnan(denominator), -np.inf, denominator)))
-        return f"var + epsilon is {denominator[k]:g} at channel {k} (the BN divides by its square root)"
+    epsilon = attr(bn, "epsilon", float(np.float32(1e-5)))  # a float attribute: float32
+    denominator = var + epsilon
+    # onnxruntime adds in the model's precision (float32 at best): -1e-5 + 1e-5 is 0 there
+    low = np.minimum(denominator, var.astype(np.float32) + np.float32(epsilon))
+    if not np.all(low > 0):  # NaN too
+        k = int(np.argmin(np.where(np.isnan(low), -np.inf, low)))
+        return f"var + epsilon is {low[k]:g} at channel {k} (the BN divides by its square root)"
     s = scale / np.sqrt(denominator)
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(bias - mean * s))):
         return "the folded scale or shift is not finite (scale, B or mean holds inf or NaN)"
