@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--calibration-data", metavar="FILE.npz", help="estimate running stats from sample inputs (no checkpoint)")
     f.add_argument("--allow-partial", action="store_true", help="fix the norms that match, leave the rest (noted in the report)")
     f.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension symbolic again where norms fixed it")
+    f.add_argument("--inorm-module", action="append", metavar="NODE=MODULE", help="take this checkpoint module's stats for this InstanceNormalization node (repeatable)")
     r = p.add_argument_group("replace_random")
     r.add_argument("--random-mode", choices=["input", "constant", "mean"], help="noise as a graph input (default), a seeded constant, or the mean")
     r.add_argument("--noise-feeds", metavar="FILE.npz", help="also write seeded noise feeds for the output model's noise inputs")
@@ -88,7 +89,8 @@ def _options(args) -> dict:
     if shapes:
         opts["input_shapes"] = {k: (v[0] if len(v) == 1 else v) for k, v in shapes.items()}
     pass_flags = {"fix_inorm": {"stats": args.stats, "calibration_data": args.calibration_data,
-                                "stats_key": args.stats_key, "allow_partial": args.allow_partial or None, "dynamic_batch": args.dynamic_batch or None},
+                                "stats_key": args.stats_key, "allow_partial": args.allow_partial or None, "dynamic_batch": args.dynamic_batch or None,
+                                "inorm_modules": args.inorm_module},
                   "replace_random": {"random_mode": args.random_mode}}
     from .errors import NormfixError
 
