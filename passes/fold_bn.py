@@ -30,9 +30,18 @@ The pass declines, with a note "skipped <BN>: <why>", when:
   - that producer's output (or the MatMul's, before the Add) has other consumers or is a
     graph output;
   - scale, B, mean, var, the weight, the bias or Gemm's C is not a constant (initializers,
-    Constant nodes and small constant subgraphs count; so do IR-3 initializer-inputs);
+    Constant nodes and small constant subgraphs count, including those that read only the
+    dtype or static shape of other tensors, like dynamo's zero bias
+    Expand(CastLike(0, x), Expand(Shape(W)[0:1], [1])); so do IR-3 initializer-inputs; an
+    IR >= 4 initializer that is also a graph input is a default the caller may override: not
+    a constant, the note names the option that treats it as one);
   - shapes do not line up: BN parameters of another length than the producer's output
-    channels, a weight of the wrong rank, a MatMul (or Add) output not known to be rank 2.
+    channels, a weight of the wrong rank; for MatMul, an X not inferred to be 2-D (1-D, or a
+    rank only a value_info claims), or an Add constant that broadcasts the output up;
+  - the fold is not safe in the model's precision: var + epsilon <= 0 (in float64 or in
+    float32, as onnxruntime adds it), a non-finite scale or shift, folded values past the
+    dtype's largest, or fp16/bf16 output channels whose folded weights round off by more than
+    the dtype's epsilon of the channel's largest (pushed to subnormals or zero).
 A weight or bias that another node also reads is written to a fresh initializer named after
 the producer, never changed in place. The producer takes the BN's output name, so graph input
 and output names never change. All edits land in one `GraphIndex.commit()`.
