@@ -290,7 +290,7 @@ def find_tiled_norm(ix: GraphIndex, bn: onnx.NodeProto) -> TiledNorm | str | Non
     params, sources, batches, kinds = [], [], set(), set()
     for role, name, (value, copies) in zip(_PARAM_ROLES, bn.input[1:], raw):
         if value is None:
-            return f"{role} is not a constant"
+            return ix.not_constant(name, role)
         if copies is None:  # Tile(param, Shape(x)[0:1]): one copy per sample by construction
             if value.size != channels:
                 return f"{role} has {value.size} values for {channels} channels"

@@ -186,8 +186,10 @@ def _fold_gemm(idx, node, _add, s, t) -> str | None:
 
 def _fold_matmul(idx, node, add, s, t) -> str | None:
     w = idx.constant(node.input[1])
-    if w is None or w.ndim != 2:
-        return "MatMul weight is not a constant 2-D matrix"
+    if w is None:
+        return idx.not_constant(node.input[1], "MatMul weight")
+    if w.ndim != 2:
+        return f"MatMul weight has rank {w.ndim}, not 2"
     # Gemm needs X of rank 2 (a 1-D X gives a 1-D MatMul output; on [N, L, C] the BN axis is
     # L, not the output features): decided on inferred shapes, never on value_info claims
     x_shape = idx.static_shape(node.input[0])
