@@ -176,8 +176,7 @@ def _run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
             ix.remove(site.tail)
         result.details["patterns"].append({"node": site.bn.name, "exporter": site.exporter,
                                            "channels": site.channels, "batch": site.batch})
-    if old_style or patterns:  # nothing rewritten: the model stays exactly as it came
-        ix.commit()
+    ix.commit()  # the sweep never drops a graph input (see GraphIndex.commit)
     result.rewrites = len(old_style) + len(patterns)
     result.changes_outputs = bool(old_style)
     if patterns:
