@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of passes (default: fold_bn; fold-bn and FOLD_BN work too); see --list-passes")
     p.add_argument("--list-passes", action="store_true", help="print the passes with a one-line summary and exit")
     p.add_argument("--version", action="version", version=f"onnx-normfix {_version()}")
+    p.add_argument("--initializer-inputs-as-constants", action="store_true", help="treat initializers that are also graph inputs (IR>=4: overridable defaults) as constants, removing them from the inputs")
     g = p.add_argument_group("validation")
     g.add_argument("--no-validate", action="store_true", help="skip onnx.checker and onnxruntime comparisons")
     g.add_argument("--full-validation", action="store_true",
@@ -156,7 +157,8 @@ def _options(args, names: list[str]) -> dict:
     from .errors import NormfixError
 
     opts: dict = {"seed": args.seed, "rtol": args.rtol, "atol": args.atol, "inputs": args.inputs,
-                  "reference": args.reference, "full_validation": args.full_validation}
+                  "reference": args.reference, "full_validation": args.full_validation,
+                  "initializer_inputs_as_constants": args.initializer_inputs_as_constants}
     shapes = _shapes(args.input_shape)
     if shapes:
         opts["input_shapes"] = {k: (v[0] if len(v) == 1 else v) for k, v in shapes.items()}

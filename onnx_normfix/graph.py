@@ -10,6 +10,7 @@ removals in bulk, followed by one dead-code sweep.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -135,15 +136,27 @@ def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
 
 
 class GraphIndex:
-    """Producer/consumer maps and constant resolution for `model.graph` (main graph only)."""
+    """Producer/consumer maps and constant resolution for `model.graph` (main graph only).
+
+    A tensor is a constant when its value depends only on initializers, Constant nodes and
+    STATIC properties of other tensors: the dtype of anything, the shape of an initializer,
+    and a shape that shape inference fixes (from the inputs' declared shapes and the ops,
+    never from the model's own value_info, which may be wrong). So `Shape(W)`, `CastLike(c, x)`
+    of a graph input x, and the Expand/Slice/Concat/... arithmetic over them are constants.
+    An initializer that is also a graph input is, from IR 4 on, a default the caller may
+    override (onnxruntime: `get_overridable_initializers`): not a constant, and a graph input
+    the dead-code sweep never drops. IR 3 lists every initializer as an input: constants.
+    """
 
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.graph = model.graph
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in self.graph.initializer}
         self.graph_outputs = {o.name for o in self.graph.output}
-        # IR < 4 lists initializers as graph inputs too; those are constants, not feeds.
-        self.graph_inputs = {i.name for i in self.graph.input if i.name not in self.initializers}
+        listed = {i.name for i in self.graph.input}
+        self.overridable = {n for n in listed if n in self.initializers} if model.ir_version >= 4 else set()
+        # the inputs a caller may feed: real inputs and (IR >= 4) overridable initializers
+        self.graph_inputs = {n for n in listed if n not in self.initializers or n in self.overridable}
         producer: dict[str, onnx.NodeProto] = {}
         consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         used = set(self.initializers) | {i.name for i in self.graph.input}
@@ -167,6 +180,7 @@ class GraphIndex:
         # a pass that edits nodes in place (no remove/replace) sets this so commit() sweeps
         self.changed = False
         self._value_types: dict[str, onnx.TypeProto] | None = None
+        self._inferred_types: dict[str, onnx.TypeProto] | None = None
 
     # ---- queries -----------------------------------------------------------------------
     def only_consumer(self, name: str) -> onnx.NodeProto | None:
@@ -182,7 +196,9 @@ class GraphIndex:
         if name in self._const_cache:
             return self._const_cache[name]
         value = None
-        if name in self.initializers and name not in self.graph_inputs:
+        if name in self.graph_inputs:
+            pass  # a feed (or a default the caller may override), never a constant
+        elif name in self.initializers:
             tensor = self.initializers[name]
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 # read from disk on each use, not cached: the cache would keep every weight
@@ -196,8 +212,12 @@ class GraphIndex:
                     value = constant_node_value(node)
                 elif node.op_type == "Identity":  # exporters share equal weights through Identity
                     value = self.constant(node.input[0], depth - 1)
+                elif node.op_type in ("Shape", "Size") and node.input:
+                    value = self._static_shape_value(node)
                 elif node.op_type in FOLDABLE_OPS:
-                    value = self._evaluate(node, name, depth)
+                    with np.errstate(all="ignore"), warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        value = self._evaluate(node, name, depth)
         if isinstance(value, np.ndarray):
             value.flags.writeable = False  # shared through the cache: writable means owned
         self._const_cache[name] = value
@@ -206,13 +226,76 @@ class GraphIndex:
     def _base_dir(self) -> str:
         return getattr(self.model, "_normfix_base_dir", "") or ""
 
+    def static_shape(self, name: str) -> list[int | None] | None:
+        """The shape of tensor `name` as far as it is static: dims are ints or None (unknown or
+        symbolic); None if even the rank is unknown. Initializers and Constant nodes give their
+        exact shape (no data is read); other tensors the shape inference fixes."""
+        if name in self.initializers and name not in self.graph_inputs:
+            return [int(d) for d in self.initializers[name].dims]
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant" and node.domain in _ONNX_DOMAINS:
+            value = constant_node_value(node)
+            return None if value is None else list(value.shape)
+        t = self.inferred_type(name)
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            return None
+        return [d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim]
+
+    def elem_type(self, name: str) -> int | None:
+        """The element type of tensor `name` (static in ONNX), or None if not known."""
+        if name in self.initializers:
+            return self.initializers[name].data_type
+        t = self.inferred_type(name)
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.elem_type:
+            return None
+        return t.tensor_type.elem_type
+
+    def _static_shape_value(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """Shape(x)[start:end] / Size(x) where those dims of x are static."""
+        shape = self.static_shape(node.input[0])
+        if shape is None:
+            return None
+        if node.op_type == "Size":
+            return None if None in shape else np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
+        rank = len(shape)
+        start, end = attr(node, "start", 0), attr(node, "end", rank)
+        start = min(max(start + rank if start < 0 else start, 0), rank)
+        end = min(max(end + rank if end < 0 else end, 0), rank)
+        dims = shape[start:end]
+        return None if None in dims else np.array(dims, dtype=np.int64)
+
+    def not_constant(self, name: str, what: str) -> str:
+        """Why `what` (tensor `name`) is not a constant, naming an overridable initializer it
+        reads and the option that would treat it as a constant."""
+        seen, todo = set(), [name]
+        while todo and len(seen) < 256:
+            n = todo.pop()
+            if n in seen or not n:
+                continue
+            seen.add(n)
+            if n in self.overridable:
+                return (f"{what} reads {n!r}, an initializer that is also a graph input (IR >= 4: a default the "
+                        "caller may override), so not a constant; initializer_inputs_as_constants=True "
+                        "(--initializer-inputs-as-constants) treats such inputs as constants")
+            node = self.producer.get(n)
+            if node is not None:
+                todo.extend(node.input)
+        return f"{what} is not a constant"
+
     def _evaluate(self, node: onnx.NodeProto, name: str, depth: int) -> np.ndarray | None:
         inputs = []
-        for inp in node.input:
+        for k, inp in enumerate(node.input):
             if not inp:
                 inputs.append(None)
                 continue
             v = self.constant(inp, depth - 1)
+            if v is None and node.op_type == "CastLike" and k == 1:
+                # CastLike reads its second input for the dtype only
+                code = self.elem_type(inp)
+                try:
+                    v = None if code is None else np.zeros((0,), dtype=onnx.helper.tensor_dtype_to_np_dtype(code))
+                except Exception:
+                    v = None
             if v is None:
                 return None
             inputs.append(v)
@@ -246,22 +329,43 @@ class GraphIndex:
         return self._const_cache.get(name)
 
     def value_type(self, name: str) -> onnx.TypeProto | None:
-        """Type (with shape where known) of a tensor, from value_info or shape inference."""
+        """Type (with shape where known) of a tensor, from value_info or shape inference.
+        Keeps the model's symbolic dim names; for decisions that must not trust the model's
+        own value_info, use `static_shape`."""
         if self._value_types is None:
-            types: dict[str, onnx.TypeProto] = {}
-            try:
-                # data_prop: exporters compute Reshape targets (Concat of Unsqueezed
-                # Constants, Shape arithmetic); without it every shape downstream is lost.
-                inferred = onnx.shape_inference.infer_shapes(without_weights(self.model), data_prop=True)
-                vis = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
-            except Exception:
-                vis = list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)
-            for vi in vis:
-                types[vi.name] = vi.type
-            for name_, t in self.initializers.items():
-                types.setdefault(name_, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
-            self._value_types = types
+            self._value_types = self._infer(trust_value_info=True)
         return self._value_types.get(name)
+
+    def inferred_type(self, name: str) -> onnx.TypeProto | None:
+        """Type of a tensor inferred from the inputs' declared types and the ops only: the
+        model's value_info and output shapes are claims (sometimes wrong) and are dropped."""
+        if self._inferred_types is None:
+            self._inferred_types = self._infer(trust_value_info=False)
+        return self._inferred_types.get(name)
+
+    def _infer(self, trust_value_info: bool) -> dict[str, onnx.TypeProto]:
+        types: dict[str, onnx.TypeProto] = {}
+        probe = without_weights(self.model, as_inputs=self.overridable)
+        if not trust_value_info:
+            del probe.graph.value_info[:]
+            for out in probe.graph.output:
+                if out.type.HasField("tensor_type"):
+                    out.type.tensor_type.ClearField("shape")
+        try:
+            # data_prop: exporters compute Reshape targets (Concat of Unsqueezed
+            # Constants, Shape arithmetic); without it every shape downstream is lost.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+            vis = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+        except Exception:
+            vis = list(self.graph.input) + (list(self.graph.value_info) + list(self.graph.output)
+                                            if trust_value_info else [])
+        for vi in vis:
+            types[vi.name] = vi.type
+        for name_, t in self.initializers.items():
+            types.setdefault(name_, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
+        return types
 
     def rank(self, name: str) -> int | None:
         t = self.value_type(name)
@@ -389,7 +493,8 @@ class GraphIndex:
         if reordered or len(alive_nodes) != len(g.node):
             del g.node[:]
             g.node.extend(alive_nodes)
-        dead_inits = [t.name for t in g.initializer if t.name not in live]
+        # overridable initializers are graph inputs with a default: both stay
+        dead_inits = [t.name for t in g.initializer if t.name not in live and t.name not in self.overridable]
         if dead_inits:
             dead = set(dead_inits)
             # Move the dead to the end (a stable sort moves pointers) and cut them off:
@@ -472,8 +577,9 @@ def _small_enough(node: onnx.NodeProto, inputs: list) -> bool:
     return True
 
 
-def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy for shape inference: large initializers become typed inputs with no data."""
+def without_weights(model: onnx.ModelProto, as_inputs=frozenset()) -> onnx.ModelProto:
+    """A copy for shape inference: large initializers (and those named in `as_inputs`, e.g.
+    overridable ones, whose value data propagation must not see) become typed inputs."""
     light = onnx.ModelProto()
     light.ir_version = max(model.ir_version, 4)
     light.opset_import.extend(model.opset_import)
@@ -485,7 +591,7 @@ def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     init_names = set()
     for t in g.initializer:
         init_names.add(t.name)
-        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) > 1024:
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) > 1024 or t.name in as_inputs:
             lg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
             lg.initializer.append(t)

@@ -7,10 +7,18 @@ Old-style node -> module, first rule that gives exactly one module wins:
   scope   the node's scope ("/main/main.6/main/main.1/InstanceNormalization", or dynamo's
           pkg.torch.onnx.name_scopes metadata) spells the module path
   values  scale and B equal exactly one module's weight and bias (compared in the node's dtype)
-  order   nodes without weights (scale all 1, B all 0: affine=False) take the modules without
-          weights in checkpoint order, when exactly one order-preserving assignment has
-          matching channel counts (so BatchNorm modules in the checkpoint are skipped)
-A module whose channel count differs from the node's is never taken.
+  explicit  a mapping the caller gives ({node name or label: module name}), checked
+          against the channel counts
+  channels  nodes without weights (scale all 1, B all 0: affine=False) left over take the
+          modules without weights nobody took (BatchNorm modules in the checkpoint are
+          skipped) when exactly one node and one module have that channel count
+  reference among several nodes and modules of equal channel count, the assignment that
+          reproduces PyTorch's outputs on the caller's inputs (`--inputs`/`--reference`),
+          found by fix_inorm's prepare step, which tries them all (bounded)
+Checkpoint order is never evidence: modules register in another order than they run, and a
+.safetensors file sorts its keys by name. Several nodes and modules of one channel count are
+ambiguous, and refused with the candidates listed. A module whose channel count differs from
+the node's is never taken.
 """
 
 from __future__ import annotations
@@ -57,11 +65,49 @@ def norm_nodes(ix: GraphIndex) -> list[NormNode]:
     return found
 
 
-def match_modules(ix: GraphIndex, nodes: list[NormNode], modules: list) -> tuple[dict, dict]:
-    """Returns ({label: (module, method)}, {label: reason}) for every node."""
+HOW_TO_DISAMBIGUATE = ("give --inputs with --reference (PyTorch's outputs for them: the assignment that "
+                       "reproduces them is kept) or --inorm-module NODE=MODULE")
+
+
+@dataclass
+class AmbiguousGroup:
+    """Nodes without weights and the modules they could take: equal channel counts, no evidence."""
+
+    channels: int | None
+    nodes: list  # NormNode
+    modules: list  # ModuleStats
+
+    def describe(self) -> str:
+        return (f"nodes {', '.join(n.label for n in self.nodes)} and modules {', '.join(m.name for m in self.modules)} "
+                f"all have {self.channels} channels")
+
+
+def match_modules(ix: GraphIndex, nodes: list[NormNode], modules: list, explicit: dict | None = None,
+                  decided: dict | None = None) -> tuple[dict, dict, list]:
+    """Returns ({label: (module, method)}, {label: reason}, [AmbiguousGroup]) for every node.
+    `explicit`: {node name or label: module name} from the caller; `decided`: {label: module
+    name} that a search against a reference settled (method "reference")."""
     matched: dict = {}
     reasons: dict = {}
+    by_name = {m.name: m for m in modules}
+    refused = set()  # a mapping the caller gave that does not fit: never guessed over
     for n in nodes:
+        wanted = None
+        for source, method in ((explicit, "explicit"), (decided, "reference")):
+            if source and (n.label in source or n.node.name in source):
+                wanted = (source.get(n.label) or source.get(n.node.name), method)
+                break
+        if wanted is not None:
+            module = by_name.get(wanted[0])
+            if module is None:
+                reasons[n.label] = f"module {wanted[0]!r} given for it is not in the checkpoint"
+            elif n.channels is not None and module.channels != n.channels:
+                reasons[n.label] = f"module {module.name} given for it has {module.channels} channels, the node {n.channels}"
+            else:
+                matched[n.label] = (module, wanted[1])
+            if n.label not in matched:
+                refused.add(n.label)
+            continue
         for method, finder in (("name", _by_name), ("scope", _by_scope), ("values", _by_values)):
             found = finder(ix, n, modules)
             if isinstance(found, str):
@@ -76,19 +122,34 @@ def match_modules(ix: GraphIndex, nodes: list[NormNode], modules: list) -> tuple
         else:
             reasons[n.label] = ("no weights to compare" if not n.has_weights else
                                 "no module matches its initializer names, scope or weight values")
-    # affine=False nodes left over: by order, among modules without weights nobody took
-    left = [n for n in nodes if n.label not in matched and not n.has_weights]
+    # affine=False nodes left over: by channel count, among modules without weights nobody took
+    groups: list[AmbiguousGroup] = []
+    left = [n for n in nodes if n.label not in matched and n.label not in refused and not n.has_weights]
     if left:
         taken = {id(m) for m, _ in matched.values()} | _claimed_by_batchnorms(ix, modules)
         pool = [m for m in modules if id(m) not in taken and _trivial(m.weight, m.bias)]
-        assignment, why = _unique_embedding([n.channels for n in left], [m.channels for m in pool])
-        for k, n in enumerate(left):
-            if assignment is not None:
-                matched[n.label] = (pool[assignment[k]], "order")
-                reasons.pop(n.label, None)
+        for c in dict.fromkeys(n.channels for n in left):
+            group = [n for n in left if n.channels == c]
+            fits = [m for m in pool if c is not None and m.channels == c]
+            def base(n):
+                return reasons.get(n.label, "no weights to compare")
+
+            if not fits:
+                for n in group:
+                    reasons[n.label] = f"{base(n)}; no module without weights left has {c} channels"
+            elif len(fits) < len(group):
+                for n in group:
+                    reasons[n.label] = (f"{base(n)}; {len(group)} nodes of {c} channels but only {len(fits)} "
+                                        f"module(s) without weights: {', '.join(m.name for m in fits)}")
+            elif len(group) == 1 and len(fits) == 1:
+                matched[group[0].label] = (fits[0], "channels")
+                reasons.pop(group[0].label, None)
             else:
-                reasons[n.label] = f"{reasons.get(n.label, 'no weights to compare')}; by order: {why}"
-    return matched, reasons
+                g = AmbiguousGroup(c, group, fits)
+                groups.append(g)
+                for n in group:
+                    reasons[n.label] = f"ambiguous: {g.describe()}"
+    return matched, reasons, groups
 
 
 def _dim(ix: GraphIndex, name: str, k: int) -> int | None:
@@ -185,29 +246,6 @@ def _claimed_by_batchnorms(ix: GraphIndex, modules) -> set[int]:
     return claimed
 
 
-def _unique_embedding(nodes: list, pool: list) -> tuple[list | None, str]:
-    """The one order-preserving map of `nodes` into `pool` with equal channel counts."""
-    k, m = len(nodes), len(pool)
-    if m < k:
-        return None, f"{k} nodes without weights but only {m} modules without weights left"
-    # ways[i][j]: assignments of the first i nodes into the first j modules (capped at 2)
-    ways = [[1] * (m + 1)] + [[0] * (m + 1) for _ in range(k)]
-    for i in range(1, k + 1):
-        for j in range(1, m + 1):
-            ways[i][j] = min(2, ways[i][j - 1] + (ways[i - 1][j - 1] if nodes[i - 1] == pool[j - 1] else 0))
-    if ways[k][m] == 0:
-        return None, f"channel counts {nodes} do not fit the modules' {pool} in order"
-    if ways[k][m] > 1:
-        return None, f"several ways to assign channel counts {nodes} to modules {pool}"
-    picks, j = [], m
-    for i in range(k, 0, -1):
-        while ways[i][j - 1] == ways[i][j]:  # module j-1 not needed for the first i nodes
-            j -= 1
-        picks.append(j - 1)
-        j -= 1
-    return picks[::-1], ""
-
-
 # ---- exporter patterns: Reshape -> BatchNormalization(N*C) -> Reshape ------------------------
 @dataclass
 class TiledNorm:
@@ -252,7 +290,7 @@ def find_tiled_norm(ix: GraphIndex, bn: onnx.NodeProto) -> TiledNorm | str | Non
     params, sources, batches, kinds = [], [], set(), set()
     for role, name, (value, copies) in zip(_PARAM_ROLES, bn.input[1:], raw):
         if value is None:
-            return f"{role} is not a constant"
+            return ix.not_constant(name, role)
         if copies is None:  # Tile(param, Shape(x)[0:1]): one copy per sample by construction
             if value.size != channels:
                 return f"{role} has {value.size} values for {channels} channels"

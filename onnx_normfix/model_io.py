@@ -102,11 +102,43 @@ def load_model(path: str | os.PathLike, found: dict | None = None) -> onnx.Model
     _check_structure(model.graph, p)
     for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
         _check_value_type(vi.type, f"{p}: value {vi.name!r}")
-    base = p.resolve().parent
-    external = []
+    count = _resolve_external(model, p.resolve().parent, p, allow_absolute=False)
+    if found is not None:
+        found["external_tensors"] = count
+    return model
+
+
+def adopt_proto(model: onnx.ModelProto, base_dir: str | os.PathLike | None) -> int:
+    """Make an in-memory model's external data readable the way `load_model` leaves it:
+    every relative location is checked against `base_dir` (the folder of the .onnx it came
+    from) and made absolute. Returns how many tensors are external. Without `base_dir`, a
+    model with relative locations is refused: resolving them against the current directory
+    would read whatever same-named file happens to be there."""
+    relative = [t for t, _ in _all_tensors(model) if _is_external(t) and not os.path.isabs(_external_info(t)[0])]
+    if relative and base_dir is None:
+        raise NormfixError(
+            f"the model keeps {len(relative)} tensor(s) in external data (e.g. {relative[0].name!r} in "
+            f"{_external_info(relative[0])[0]!r}) relative to a folder an in-memory ModelProto does not know: "
+            "pass base_dir=<folder of the .onnx file>, or pass the file's path instead of the proto")
+    if base_dir is None:
+        return sum(1 for t, _ in _all_tensors(model) if _is_external(t))
+    base = Path(os.fspath(base_dir))
+    if not base.is_dir():
+        raise NormfixError(f"base_dir {base}: not a folder")
+    return _resolve_external(model, base.resolve(), Path("<ModelProto>"), allow_absolute=True)
+
+
+def _resolve_external(model: onnx.ModelProto, base: Path, p: Path, allow_absolute: bool) -> int:
+    """Check every external reference of `model` against folder `base` and point it at its
+    verified absolute path. A file's absolute locations are refused; an in-memory proto's
+    (`allow_absolute`: the tool's own result, already verified) are left as they are."""
+    external, absolute = [], 0
     for tensor, where in _all_tensors(model):
         _check_data_type(tensor, f"{p}: {where}")
         if _is_external(tensor):
+            if allow_absolute and os.path.isabs(_external_info(tensor)[0]):
+                absolute += 1
+                continue
             _check_external(tensor, base, p)
             external.append((tensor, where))
         else:
@@ -121,9 +153,7 @@ def load_model(path: str | os.PathLike, found: dict | None = None) -> onnx.Model
             _check_size(tensor, f"{p}: {where}")
         else:  # stays on disk, read lazily through its verified absolute path
             _set_location(tensor, str(_resolved_location(tensor, base)))
-    if found is not None:
-        found["external_tensors"] = len(external)
-    return model
+    return len(external) + absolute
 
 
 def _check_opsets(model: onnx.ModelProto, p: Path) -> None:
@@ -320,7 +350,10 @@ def external_bytes(tensor: onnx.TensorProto, base_dir: str | os.PathLike | None 
     """The stored bytes of an external tensor (absolute location, or relative to `base_dir`),
     or, with `into` (a writable buffer of the tensor's length), read into it and return it."""
     location, offset, length = _external_info(tensor)
-    path = Path(location) if os.path.isabs(location) else Path(base_dir or ".") / location
+    if not os.path.isabs(location) and not base_dir:  # never against the current directory
+        raise NormfixError(f"tensor {tensor.name!r} keeps its data in {location!r}, relative to a folder not "
+                           "given: load the model with onnx_normfix.model_io.load_model, or pass base_dir")
+    path = Path(location) if os.path.isabs(location) else Path(base_dir) / location
     with open(path, "rb") as f:
         f.seek(offset)
         if into is not None:

@@ -76,7 +76,10 @@ def add_pass_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         group = parser.add_argument_group(f"{p.name} options")
         for o in p.options:
-            _add_option(group, p, o)
+            try:
+                _add_option(group, p, o)
+            except argparse.ArgumentError as exc:  # a flag the CLI itself has
+                raise NormfixError(f"pass {p.name!r}: option {o.name!r} cannot have the flag {o.cli_flag}: {exc}") from None
 
 
 def _add_option(group, p: Pass, o: Option) -> None:
@@ -88,6 +91,8 @@ def _add_option(group, p: Pass, o: Option) -> None:
                            help=help_)
         return
     kwargs = {"dest": dest, "default": None, "help": help_, "metavar": o.metavar}
+    if o.repeatable:
+        kwargs["action"] = "append"
     if o.choices:
         kwargs["choices"] = list(o.choices)
     if o.type is not None and o.type is not str:

@@ -25,9 +25,13 @@ from . import model_io, validate as V
 from .core_options import check_core_options
 from .errors import NormfixError, ValidationError
 from .registry import Pass, PassContext, PassResult, resolve_passes, split_options
+from .validation.checker import MISSING_SHAPE, CheckPolicy, run_checker, shapeless_io
 
 CORE_OPTIONS = {"seed": 0, "rtol": None, "atol": None, "input_shapes": None, "inputs": None,
-                "reference": None, "progress": None, "full_validation": False}
+                "reference": None, "progress": None, "full_validation": False,
+                # how the model is read: the folder an in-memory proto's external data is
+                # relative to; whether IR >= 4 overridable initializers count as constants
+                "base_dir": None, "initializer_inputs_as_constants": False}
 # Above this many nodes, creating an onnxruntime session for the whole model costs more than
 # the pass itself (1 s at 10k nodes, 135 s at 100k): stages whose pass names its rewrite
 # sites are then checked site by site, unless full_validation is asked for.
@@ -88,13 +92,18 @@ def _optimize(model, passes, validate: bool, partial: dict, **options: Any) -> R
         source = "<ModelProto>"
         work = onnx.ModelProto()
         work.CopyFrom(model)
-        external = model_io.has_external(work)
+        external = model_io.adopt_proto(work, opts["base_dir"]) > 0
     else:
+        if opts["base_dir"] is not None:
+            raise NormfixError("base_dir is for an in-memory ModelProto; a file's external data is read beside it")
         source = str(model)
         say(f"loading {source}")
         found: dict = {}
         work = model_io.load_model(model, found)
         external = found["external_tensors"] > 0
+    load_notes = _repair_input(work)
+    if opts["initializer_inputs_as_constants"]:
+        load_notes.append(_initializer_inputs_to_constants(work))
     # a model with external data is never serialized whole, even once its external tensors
     # are all rewritten: that copy would double the peak memory (see model_io)
     data = model_io.serialize(work) if validate and not external else None
@@ -105,21 +114,37 @@ def _optimize(model, passes, validate: bool, partial: dict, **options: Any) -> R
         report: dict = {"input": source, "output": None, "nodes_before": len(work.graph.node),
                         "nodes_after": None, "passes": [], "load_seconds": round(time.perf_counter() - t0, 3)}
         partial["report"] = report
-        if check_note:
-            report["notes"] = [check_note]
+        notes = [n for n in [*load_notes, check_note] if n]
+        if notes:
+            report["notes"] = notes
 
         inputs = _load_arrays(opts["inputs"], "--inputs")
-        stage = V.Stages(work, V.Options(seed=opts["seed"], rtol=opts["rtol"], atol=opts["atol"],
-                                         shapes=opts["input_shapes"], inputs=inputs),
-                         V.Snapshot(work, data), opts["full_validation"], staged and staged.path,
-                         external, WHOLE_MODEL_NODES) if validate else None
+        try:
+            stage = V.Stages(work, V.Options(seed=opts["seed"], rtol=opts["rtol"], atol=opts["atol"],
+                                             shapes=opts["input_shapes"], inputs=inputs),
+                             V.Snapshot(work, data), opts["full_validation"], staged and staged.path,
+                             external, WHOLE_MODEL_NODES) if validate else None
+        except NormfixError as exc:
+            finding = getattr(full_check, "tolerated", None)
+            if finding is None or isinstance(exc, ValidationError):
+                raise
+            # the checker's finding was only a note because onnxruntime might run the model
+            raise NormfixError(f"invalid ONNX model: {finding} (and {exc})") from None
+        finding = getattr(full_check, "tolerated", None)
+        if stage is not None and finding is not None and stage.outputs is None and stage.draws:
+            try:  # the input was not run yet: a model with a checker finding must run to be accepted
+                V.run_draws(work, stage.draws[:1], serialized=data, path=staged and staged.path)
+            except (V.RuntimeUnavailable, V.RuntimeCrashed, NormfixError) as exc:
+                raise NormfixError(f"invalid ONNX model: {finding} (and onnxruntime cannot run it: "
+                                   f"{V._first_line(exc)})") from None
     finally:
         if staged is not None:
             staged.cleanup()
     for k, p in enumerate(selected, 1):
         say(f"[{k}/{len(selected)}] {p.name}: running on {len(work.graph.node)} nodes")
         t = time.perf_counter()
-        pass_opts = {**pass_options[p.name], "seed": opts["seed"]}  # its own options, and the seed
+        # its own options, the seed, and the core options it declares it reads
+        pass_opts = {**{k: opts[k] for k in p.reads if k in opts}, **pass_options[p.name], "seed": opts["seed"]}
         if p.prepare is not None:
             pass_opts = p.prepare(work, pass_opts)
         nodes_before = len(work.graph.node)
@@ -148,28 +173,71 @@ def _optimize(model, passes, validate: bool, partial: dict, **options: Any) -> R
     return Result(model=work, report=report, serialized=current, external_data=external)
 
 
-def _check_input(data: bytes | None, staged: V.Staged | None = None) -> tuple[bool, str | None]:
+def _repair_input(model: onnx.ModelProto) -> list[str]:
+    """Safe repairs of what onnx.checker objects to although onnxruntime runs the model: a
+    graph output declared without a shape gets the shape inference gives it. Returns notes."""
+    shapeless = [o for o in model.graph.output if o.type.HasField("tensor_type") and not o.type.tensor_type.HasField("shape")]
+    if not shapeless:
+        return []
+    from .graph import GraphIndex
+
+    index, filled = GraphIndex(model), []
+    for out in shapeless:
+        t = index.inferred_type(out.name)
+        if t is not None and t.HasField("tensor_type") and t.tensor_type.HasField("shape"):
+            out.type.tensor_type.shape.CopyFrom(t.tensor_type.shape)
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.tensor_type.shape.dim]
+            filled.append(f"{out.name} {dims}")
+    return [f"output(s) declared without a shape, filled from shape inference: {', '.join(filled)}"] if filled else []
+
+
+def _initializer_inputs_to_constants(model: onnx.ModelProto) -> str:
+    """initializer_inputs_as_constants: IR >= 4 initializers listed as graph inputs (defaults
+    a caller may override) become plain constants, so they leave the graph inputs."""
+    inits = {t.name for t in model.graph.initializer}
+    if model.ir_version < 4:
+        return "initializer_inputs_as_constants: IR 3 model, its initializer-inputs are constants already"
+    moved = [i.name for i in model.graph.input if i.name in inits]
+    if not moved:
+        return "initializer_inputs_as_constants: no initializer is also a graph input"
+    keep = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    listing = ", ".join(moved[:10]) + (" ..." if len(moved) > 10 else "")
+    return (f"initializer_inputs_as_constants: {len(moved)} overridable initializer(s) treated as constants and "
+            f"removed from the graph inputs: {listing}")
+
+
+def _check_input(data: bytes | None, staged: V.Staged | None = None) -> tuple[bool | CheckPolicy, str | None]:
     """The input must pass onnx.checker; strict shape inference is used later only if it
-    passes that too (an exporter's harmless shape quirk must not block a fold). Without
+    passes that too (an exporter's harmless shape quirk must not block a fold). What the
+    plain check finds on the input is a note, not a refusal (onnxruntime decides whether it
+    runs): later stages are checked with that finding set aside (`CheckPolicy`). Without
     bytes, the checker reads the staged copy."""
     if data is None and staged is None:
         return False, "model over 2 GB: onnx.checker skipped (it cannot check such a model in memory)"
+    source = data if data is not None else staged
     try:
-        _run_checker(data if data is not None else staged, full_check=True)
+        run_checker(source, full_check=True)
         return True, None
     except Exception as strict:
         try:
-            _run_checker(data if data is not None else staged)
+            run_checker(source)
         except Exception as exc:
-            raise NormfixError(f"invalid ONNX model: {V._first_line(exc)}") from None
+            finding = V._first_line(exc)
+            shapeless = shapeless_io(source) if MISSING_SHAPE in finding else frozenset()
+            if shapeless:
+                policy = CheckPolicy(False, shapeless)
+                try:
+                    run_checker(source, policy)
+                except Exception as other:
+                    return CheckPolicy(False, shapeless, V._first_line(other)), (
+                        f"input fails onnx.checker ({V._first_line(other)}); later stages are checked for new findings")
+                return policy, (f"onnx.checker: {', '.join(sorted(shapeless))} declared without a shape (onnxruntime "
+                                "accepts any shape there); later stages are checked as if shaped")
+            return CheckPolicy(False, tolerated=finding), (
+                f"input fails onnx.checker ({finding}); later stages are checked for new findings")
         return False, f"input fails strict shape inference, later stages checked without it: {V._first_line(strict)}"
-
-
-def _run_checker(source: bytes | V.Staged, full_check: bool = False) -> None:
-    if isinstance(source, V.Staged):
-        source.check(full_check)
-    else:
-        onnx.checker.check_model(source, full_check=full_check)
 
 
 def _load_arrays(value, what: str):

@@ -113,6 +113,8 @@ class Option:
     flag: str | None = None
     # a path to a file the pass reads: the CLI checks it exists before the model is loaded
     file: bool = False
+    # the flag may be given several times; the value is then a list
+    repeatable: bool = False
 
     @property
     def cli_flag(self) -> str:
@@ -144,7 +146,7 @@ class Pass:
     `options`: `Option`s (or a mapping {name: default}); the pass sees its own in `ctx.options`.
     `runs_after`, `runs_before`: names of passes this one must follow / precede when both run.
     `creates`: op types this pass adds; `runs_after_creators_of`: op types whose creators must
-    run first. `order` is a legacy tie-break only (lower first); prefer the declarations.
+    run first. `reads`: core options (say `inputs`, `reference`) the pass sees besides its own. `order` is a legacy tie-break only (lower first); prefer the declarations.
     `prepare(model, options)`, if given, runs in the pipeline before `run` and may read files
     (a checkpoint, calibration data); it returns the options `run` will see.
     `outputs_note`: how the pass treats outputs, in words, when "preserves outputs" is not the
@@ -163,11 +165,13 @@ class Pass:
     creates: frozenset = frozenset()
     runs_after_creators_of: frozenset = frozenset()
     graph: str = "onnx"
+    # core options (e.g. inputs, reference) the pass reads besides its own
+    reads: frozenset = frozenset()
 
     def __post_init__(self):
         set_ = object.__setattr__
         set_(self, "options", _as_options(self.options))
-        for name in ("runs_after", "runs_before", "creates", "runs_after_creators_of"):
+        for name in ("runs_after", "runs_before", "creates", "runs_after_creators_of", "reads"):
             value = getattr(self, name)
             set_(self, name, frozenset([value] if isinstance(value, str) else value))
         if self.graph not in ("onnx", "graphsurgeon"):

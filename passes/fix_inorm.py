@@ -38,11 +38,14 @@ import onnx
 
 from onnx_normfix.errors import NormfixError
 from onnx_normfix.graph import GraphIndex, without_weights, opset_of, set_attr, stamp
-from onnx_normfix.inorm_match import find_tiled_norm, match_modules, norm_nodes, scope_paths
+from onnx_normfix.inorm_match import HOW_TO_DISAMBIGUATE, find_tiled_norm, match_modules, norm_nodes, scope_paths
 from onnx_normfix.registry import Option, Pass, PassContext, PassResult, register_pass
 
 NAME = "fix_inorm"
 BATCH_DIM = "batch"
+# an ambiguous affine=False matching is searched against a reference up to this many
+# assignments (each costs one onnxruntime session on the whole model)
+MAX_ASSIGNMENTS = 120
 
 
 # A checkpoint without any running statistics: its InstanceNorms are correct as exported.
@@ -84,7 +87,78 @@ def _prepare(model: onnx.ModelProto, options: dict) -> dict:
             except Exception as exc:
                 raise NormfixError(f"--calibration-data {data}: cannot read as .npz ({exc})") from None
         opts["calibration_data"] = CalibratedStats(estimate_stats(model, data, tensors) if tensors else {})
+    if opts.get("stats") and opts.get("reference") is not None and opts.get("inputs") is not None:
+        opts["inorm_search"] = _search_assignments(model, opts)
     return opts
+
+
+def _modules_option(value) -> dict:
+    """inorm_modules: {node: module}, or ["NODE=MODULE", ...] as the CLI gives it."""
+    if not value:
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    mapping = {}
+    for item in [value] if isinstance(value, str) else value:
+        node, sep, module = str(item).rpartition("=")
+        if not sep or not node or not module:
+            raise NormfixError(f"--inorm-module {item!r}: expected NODE=MODULE (a node name and a checkpoint module)")
+        mapping[node] = module
+    return mapping
+
+
+def _search_assignments(model: onnx.ModelProto, opts: dict) -> dict:
+    """Settle ambiguous affine=False matches against the caller's reference: run every
+    assignment of the ambiguous modules (bounded) and keep the one that reproduces it.
+    Returns {"decided": {label: module}, "tried": n, "note": str}."""
+    import itertools
+
+    from onnx_normfix import validate as V
+    from onnx_normfix.pipeline import _load_arrays
+
+    ix = GraphIndex(model)
+    nodes = norm_nodes(ix)
+    matched, _, groups = match_modules(ix, nodes, list(opts["stats"]), _modules_option(opts.get("inorm_modules")))
+    if not groups:
+        return {}
+    choices = [list(itertools.permutations(g.modules, len(g.nodes))) for g in groups]
+    total = int(np.prod([len(c) for c in choices]))
+    described = "; ".join(g.describe() for g in groups)
+    if total > MAX_ASSIGNMENTS:
+        return {"note": f"{total} assignments for {described}: more than {MAX_ASSIGNMENTS} to try against the reference"}
+    if V.random_nodes(model):
+        return {"note": "the model draws random numbers: assignments cannot be compared with the reference"}
+    inputs = _load_arrays(opts["inputs"], "--inputs")
+    feeds = V.make_feeds(model, opts.get("seed", 0), None, inputs)
+    ref = opts["reference"]
+    expected = {k: np.asarray(v) for k, v in (ref(feeds) if callable(ref) else _load_arrays(ref, "--reference")).items()}
+    fits, best = [], None
+    for combo in itertools.product(*choices):
+        decided = {n.label: m.name for g, mods in zip(groups, combo) for n, m in zip(g.nodes, mods)}
+        trial = onnx.ModelProto()
+        trial.CopyFrom(model)
+        _run(trial, PassContext(options={**opts, "inorm_decided": decided, "allow_partial": True, "dynamic_batch": False}))
+        try:
+            got = V.run_model(trial, feeds)
+        except V.RuntimeUnavailable as exc:
+            return {"note": f"onnxruntime cannot run the candidates ({exc})"}
+        if not set(expected) <= set(got):
+            return {"note": "the reference names outputs the model does not have"}
+        cmp = V.compare(expected, {k: got[k] for k in expected})
+        best = cmp["max_abs_diff"] if best is None else min(best, cmp["max_abs_diff"])
+        if cmp["ok"]:
+            fits.append(decided)
+    by_name = {m.name: m for m in opts["stats"]}
+
+    def stats_of(decided):
+        return [(by_name[decided[k]].running_mean.tobytes(), by_name[decided[k]].running_var.tobytes()) for k in sorted(decided)]
+
+    if fits and all(stats_of(f) == stats_of(fits[0]) for f in fits):  # one model, however reached
+        return {"decided": fits[0], "tried": total}
+    if fits:
+        return {"note": f"{len(fits)} of {total} assignments reproduce the reference for {described}"}
+    return {"note": f"none of the {total} assignments for {described} reproduces the reference "
+                    f"(closest: max abs diff {best:.3g})"}
 
 
 def _run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
@@ -157,7 +231,12 @@ def _plan_old_style(ix: GraphIndex, opts, result: PassResult) -> list:
                             "holds no running statistics, so its norms had track_running_stats=False and normalize "
                             "per instance: nothing to restore")
         return []
-    matched, reasons = match_modules(ix, nodes, list(stats or []))
+    search = opts.get("inorm_search") or {}
+    decided = opts.get("inorm_decided") or search.get("decided")
+    matched, reasons, _ = match_modules(ix, nodes, list(stats or []), _modules_option(opts.get("inorm_modules")), decided)
+    if search.get("note"):
+        reasons = {k: (f"{v} (tried against the reference: {search['note']})" if v.startswith("ambiguous") else v)
+                   for k, v in reasons.items()}
     plain = getattr(stats, "without_stats", frozenset())
     plan, unmatched, per_instance = [], {}, []
     for n in nodes:
@@ -167,6 +246,8 @@ def _plan_old_style(ix: GraphIndex, opts, result: PassResult) -> list:
         elif n.label in matched:
             module, method = matched[n.label]
             plan.append((n, module.name, module.running_mean, module.running_var))
+            if method == "reference":
+                method = f"reference ({search.get('tried', 1)} assignments tried, one reproduces it)"
             result.details["norms"].append({"node": n.label, "module": module.name, "method": method, "channels": n.channels})
         elif calibrated and n.node.input[0] in calibrated:
             plan.append((n, None, *calibrated[n.node.input[0]]))
@@ -180,13 +261,20 @@ def _plan_old_style(ix: GraphIndex, opts, result: PassResult) -> list:
                             f"({', '.join(per_instance[:10])}{' ...' if len(per_instance) > 10 else ''}): the checkpoint "
                             "holds their weights but no running statistics (track_running_stats=False): nothing to restore")
     if unmatched:
-        listing = "; ".join(f"{label}: {why}" for label, why in unmatched.items())
+        by_reason: dict = {}
+        for label, why in unmatched.items():  # a group of ambiguous nodes shares one reason
+            by_reason.setdefault(why, []).append(label)
+        listing = "; ".join(f"{', '.join(labels)}: {why}" for why, labels in by_reason.items())
+        if any(why.startswith("ambiguous") for why in by_reason):
+            listing += (". Checkpoint order is no evidence (modules register in another order than they run; "
+                        f".safetensors sorts keys by name): {HOW_TO_DISAMBIGUATE}")
         result.details["unmatched"] = unmatched
         if opts.get("allow_partial") and not plan:
             raise NormfixError(f"fix_inorm: --allow-partial, but none of the {len(unmatched)} InstanceNormalization "
                                f"node(s) matched the given statistics: {listing}")
         if not opts.get("allow_partial"):
-            hint = " (are these stats from another model?)" if not matched and stats else ""
+            ambiguous = any(why.startswith("ambiguous") for why in by_reason)
+            hint = " (are these stats from another model?)" if not matched and stats and not ambiguous else ""
             raise NormfixError(f"fix_inorm: no usable running statistics for {len(unmatched)} of {len(nodes)} "
                                f"InstanceNormalization node(s){hint}: {listing}. Nothing was rewritten; "
                                "--allow-partial fixes the others")
@@ -272,7 +360,12 @@ PASS = register_pass(Pass(
                metavar="FILE.npz", file=True),
         Option("allow_partial", False, bool, "fix the norms that match, leave the rest (noted in the report)"),
         Option("dynamic_batch", False, bool, "make the batch dimension symbolic again where norms fixed it"),
+        Option("inorm_modules", None, str, "take this checkpoint module's stats for this InstanceNormalization node "
+               "(repeatable); settles norms that channel counts cannot tell apart", metavar="NODE=MODULE",
+               flag="--inorm-module", repeatable=True),
     ],
+    # the caller's inputs/reference (core options) settle ambiguous affine=False matches
+    reads={"inputs", "reference"},
     prepare=_prepare,
     # BatchNormalizations it makes are folded by fold_bn; InstanceNormalizations other passes
     # make (fuse_norms) reach it; random ops are replaced first, so calibration is deterministic

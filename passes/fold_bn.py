@@ -30,9 +30,18 @@ The pass declines, with a note "skipped <BN>: <why>", when:
   - that producer's output (or the MatMul's, before the Add) has other consumers or is a
     graph output;
   - scale, B, mean, var, the weight, the bias or Gemm's C is not a constant (initializers,
-    Constant nodes and small constant subgraphs count; so do IR-3 initializer-inputs);
+    Constant nodes and small constant subgraphs count, including those that read only the
+    dtype or static shape of other tensors, like dynamo's zero bias
+    Expand(CastLike(0, x), Expand(Shape(W)[0:1], [1])); so do IR-3 initializer-inputs; an
+    IR >= 4 initializer that is also a graph input is a default the caller may override: not
+    a constant, the note names the option that treats it as one);
   - shapes do not line up: BN parameters of another length than the producer's output
-    channels, a weight of the wrong rank, a MatMul (or Add) output not known to be rank 2.
+    channels, a weight of the wrong rank; for MatMul, an X not inferred to be 2-D (1-D, or a
+    rank only a value_info claims), or an Add constant that broadcasts the output up;
+  - the fold is not safe in the model's precision: var + epsilon <= 0 (in float64 or in
+    float32, as onnxruntime adds it), a non-finite scale or shift, folded values past the
+    dtype's largest, or fp16/bf16 output channels whose folded weights round off by more than
+    the dtype's epsilon of the channel's largest (pushed to subnormals or zero).
 A weight or bias that another node also reads is written to a fresh initializer named after
 the producer, never changed in place. The producer takes the BN's output name, so graph input
 and output names never change. All edits land in one `GraphIndex.commit()`.
@@ -57,7 +66,8 @@ def _run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
     for bn in list(model.graph.node):
         if bn.op_type != "BatchNormalization" or bn.domain not in ONNX_DOMAINS:
             continue
-        outcome = _fold(idx, bn, opset)
+        with np.errstate(all="ignore"):  # a site's bad numbers are its note, never a warning
+            outcome = _fold(idx, bn, opset)
         if isinstance(outcome, str):
             result.notes.append(f"skipped {bn.name or bn.output[0]}: {outcome}")
             continue
@@ -100,13 +110,23 @@ def _fold(idx: GraphIndex, bn: onnx.NodeProto, opset: int) -> str | tuple[str, o
             return f"{node.op_type} output has {len(idx.consumers[name])} consumers"
     params = [idx.constant(n) if n else None for n in bn.input[1:5]]
     if len(params) < 4 or any(p is None for p in params):
-        return "scale, B, mean or var is not a constant"
+        missing = next((n for n, p in zip(bn.input[1:5], params) if p is None), "")
+        return idx.not_constant(missing, "scale, B, mean or var") if len(params) == 4 else "scale, B, mean or var is missing"
     if any(np.ndim(p) != 1 for p in params):
         return "scale, B, mean and var must be 1-D"
     if len({p.size for p in params}) != 1:
         return "scale, B, mean and var differ in length"
     scale, bias, mean, var = (np.asarray(p, dtype=np.float64).reshape(-1) for p in params)
-    s = scale / np.sqrt(var + attr(bn, "epsilon", 1e-5))
+    epsilon = attr(bn, "epsilon", float(np.float32(1e-5)))  # a float attribute: float32
+    denominator = var + epsilon
+    # onnxruntime adds in the model's precision (float32 at best): -1e-5 + 1e-5 is 0 there
+    low = np.minimum(denominator, var.astype(np.float32) + np.float32(epsilon))
+    if not np.all(low > 0):  # NaN too
+        k = int(np.argmin(np.where(np.isnan(low), -np.inf, low)))
+        return f"var + epsilon is {low[k]:g} at channel {k} (the BN divides by its square root)"
+    s = scale / np.sqrt(denominator)
+    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(bias - mean * s))):
+        return "the folded scale or shift is not finite (scale, B or mean holds inf or NaN)"
     kind = producer.op_type
     fold = {"Conv": _fold_conv, "ConvTranspose": _fold_conv, "Gemm": _fold_gemm}.get(kind, _fold_matmul)
     why = fold(idx, producer, add, s, bias - mean * s)
@@ -123,7 +143,7 @@ def _fold(idx: GraphIndex, bn: onnx.NodeProto, opset: int) -> str | tuple[str, o
 def _fold_conv(idx, node, _add, s, t) -> str | None:
     w, b = idx.constant(node.input[1]), _optional(idx, node, 2)
     if w is None or b is False:
-        return f"{node.op_type} {'weight' if w is None else 'bias'} is not a constant"
+        return idx.not_constant(node.input[1 if w is None else 2], f"{node.op_type} {'weight' if w is None else 'bias'}")
     if w.ndim < 3:
         return f"{node.op_type} weight has rank {w.ndim}"
     group, k = int(attr(node, "group", 1)), (1,) * (w.ndim - 2)
@@ -136,21 +156,28 @@ def _fold_conv(idx, node, _add, s, t) -> str | None:
         grouped = w.reshape(group, w.shape[0] // group, *w.shape[1:])
     if s.size != channels or (b is not None and b.size != channels):
         return f"BN or bias length does not match the {channels} output channels of {node.op_type}"
+    new_b = (0.0 if b is None else np.asarray(b, np.float64).reshape(-1)) * s + t
+    why = _lossy(grouped, s.reshape(factor_shape), new_b)
+    if why:
+        return why
     _write(idx, node, 1, _scaled(grouped, s.reshape(factor_shape)).reshape(w.shape), "_W")
-    _write(idx, node, 2, ((0.0 if b is None else b) * s + t).astype(w.dtype), "_B")
+    _write(idx, node, 2, new_b.astype(w.dtype), "_B")
     return None
 
 
 def _fold_gemm(idx, node, _add, s, t) -> str | None:
     w, c = idx.constant(node.input[1]), _optional(idx, node, 2)
     if w is None or c is False:
-        return f"Gemm {'B' if w is None else 'C'} is not a constant"
+        return idx.not_constant(node.input[1 if w is None else 2], f"Gemm {'B' if w is None else 'C'}")
     trans_b, beta = attr(node, "transB", 0), attr(node, "beta", 1.0)
     if w.ndim != 2 or s.size != w.shape[0 if trans_b else 1]:
         return f"BN length {s.size} does not match Gemm B of shape {list(w.shape)}"
     if c is not None and not _broadcasts(c, s):
         return f"Gemm C of shape {list(c.shape)} does not broadcast to the BN channels"
-    new_c = t if c is None or beta == 0 else beta * c * s + t
+    new_c = t if c is None or beta == 0 else beta * np.asarray(c, np.float64) * s + t
+    why = _lossy(w, s[:, None] if trans_b else s, new_c)
+    if why:
+        return why
     _write(idx, node, 1, _scaled(w, s[:, None] if trans_b else s), "_B")
     _write(idx, node, 2, new_c.astype(w.dtype), "_C")
     set_attr(node, "beta", 1.0)
@@ -159,21 +186,71 @@ def _fold_gemm(idx, node, _add, s, t) -> str | None:
 
 def _fold_matmul(idx, node, add, s, t) -> str | None:
     w = idx.constant(node.input[1])
-    if w is None or w.ndim != 2:
-        return "MatMul weight is not a constant 2-D matrix"
-    rank = idx.rank((add or node).output[0])
-    if rank != 2:  # on [N, L, C] the BN axis is L, not the MatMul's output features
-        return f"MatMul output rank is {'unknown' if rank is None else rank}, not 2"
+    if w is None:
+        return idx.not_constant(node.input[1], "MatMul weight")
+    if w.ndim != 2:
+        return f"MatMul weight has rank {w.ndim}, not 2"
+    # Gemm needs X of rank 2 (a 1-D X gives a 1-D MatMul output; on [N, L, C] the BN axis is
+    # L, not the output features): decided on inferred shapes, never on value_info claims
+    x_shape = idx.static_shape(node.input[0])
+    if x_shape is None or len(x_shape) != 2:
+        return f"MatMul input rank is {'unknown' if x_shape is None else len(x_shape)}, not 2"
     c = None
     if add is not None:
         c = idx.constant(add.input[1] if add.input[0] == node.output[0] else add.input[0])
+        # Gemm's C broadcasts to [M, N] one way only: a C that would grow the Add's output
+        # ([1, N] + [3, N]) has no Gemm form
+        if c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1 and x_shape[0] != c.shape[0]):
+            return f"Add bias of shape {list(c.shape)} broadcasts the MatMul output {x_shape[:1] + [w.shape[1]]} up"
     if s.size != w.shape[1] or (c is not None and not _broadcasts(c, s)):
         return f"BN length {s.size} does not match MatMul weight {list(w.shape)} or Add bias"
+    new_c = t if c is None else np.asarray(c, np.float64) * s + t
+    why = _lossy(w, s, new_c)
+    if why:
+        return why
     _write(idx, node, 1, _scaled(w, s), "_W")
-    _write(idx, node, 2, (t if c is None else c * s + t).astype(w.dtype), "_C")
+    _write(idx, node, 2, new_c.astype(w.dtype), "_C")
     node.op_type = "Gemm"
     del node.attribute[:]
     return None
+
+
+def _lossy(w: np.ndarray, factor: np.ndarray, bias: np.ndarray) -> str | None:
+    """Why the folded weights `w * factor` and `bias` cannot be stored in w's dtype without
+    a loss the unfolded model does not have, or None. Overflow (a finite exact value that
+    rounds to inf) in any float type; in fp16/bf16 also underflow: an output channel whose
+    folded weights, rounded, are off from the exact product by more than the dtype's
+    epsilon relative to the channel's largest exact weight (values pushed into the subnormal
+    range or to zero)."""
+    if w.dtype.kind != "f" and "bfloat16" not in str(w.dtype):
+        return None
+    info = _finfo(w.dtype)
+    with np.errstate(all="ignore"):
+        exact = w.astype(np.float64) * factor
+        big = max(float(np.max(np.abs(exact), initial=0.0)), float(np.max(np.abs(bias), initial=0.0)))
+        if big > info[1]:
+            return f"the folded weights or bias reach {big:.3g}, past the largest {w.dtype} ({info[1]:.3g})"
+        if w.dtype.itemsize > 2:
+            return None
+        rounded = exact.astype(w.dtype).astype(np.float64)
+        # the output channels run along the axes where the factor varies
+        channel_axes = [k for k in range(w.ndim) if factor.shape[k] != 1] if factor.ndim == w.ndim else [w.ndim - 1]
+        reduce = tuple(k for k in range(w.ndim) if k not in channel_axes)
+        scale = np.max(np.abs(exact), axis=reduce, keepdims=True)
+        err = np.max(np.abs(rounded - exact), axis=reduce, keepdims=True)
+        bad = (scale > 0) & (err > info[0] * scale)
+    if np.any(bad):
+        return (f"folding loses precision in {w.dtype}: {int(np.sum(bad))} output channel(s) of folded weights "
+                f"would fall to subnormal values or zero (smallest normal {info[2]:.3g})")
+    return None
+
+
+def _finfo(dtype) -> tuple[float, float, float]:
+    """(epsilon, max, smallest normal) of a float dtype, bfloat16 included."""
+    if "bfloat16" in str(dtype):
+        return 2.0 ** -7, 3.3895313892515355e38, 1.1754943508222875e-38
+    f = np.finfo(dtype)
+    return float(f.eps), float(f.max), float(f.tiny)
 
 
 def _scaled(w: np.ndarray, factor: np.ndarray) -> np.ndarray:

@@ -104,16 +104,51 @@ def _nameless(model):
     return model
 
 
-def test_affine_false_matched_by_order_skipping_the_batchnorm_module():
+CYCLEGAN_MODULES = ["model.2", "model.5", "model.7.conv_block.2", "model.7.conv_block.6", "model.9"]
+
+
+def test_affine_false_of_equal_channels_is_refused_with_the_candidates():
+    """Unscoped names, affine=False: two 4-channel and three 8-channel norms. Checkpoint order
+    is no evidence, so this is ambiguous (it used to be matched "by order", a guess)."""
+    model = _nameless(load("cyclegan_tiny_oldstyle.onnx"))
+    pytest.importorskip("torch")
+    with pytest.raises(NormfixError) as err:
+        apply(model, stats=str(FIXTURES / "cyclegan_tiny.pt"))
+    message = str(err.value)
+    assert "nodes n19, n71 and modules model.2, model.9 all have 4 channels" in message
+    assert "model.7.conv_block.2" in message and "--reference" in message and "--inorm-module" in message
+    assert "model.11" not in message  # the BatchNorm module is never a candidate
+    assert count_ops(model).get("InstanceNormalization") == 5  # nothing rewritten
+
+
+def test_affine_false_ambiguity_settled_by_the_pytorch_reference():
     model = _nameless(load("cyclegan_tiny_oldstyle.onnx"))
     f, want = feeds(model, "cyclegan_tiny_io.npz", 1)
     pytest.importorskip("torch")
-    result = apply(model, stats=str(FIXTURES / "cyclegan_tiny.pt"))
-
-    assert [d["method"] for d in result.details["norms"]] == ["order"] * 5
-    assert [d["module"] for d in result.details["norms"]] == [
-        "model.2", "model.5", "model.7.conv_block.2", "model.7.conv_block.6", "model.9"]  # model.11 is the BN
+    result = apply(model, stats=str(FIXTURES / "cyclegan_tiny.pt"), inputs=f,
+                   reference={model.graph.output[0].name: want})
+    assert [d["module"] for d in result.details["norms"]] == CYCLEGAN_MODULES
+    assert all(d["method"].startswith("reference (12 assignments tried") for d in result.details["norms"])
     assert_close({"y": output(model, f)}, {"y": want})
+
+
+def test_affine_false_ambiguity_settled_by_an_explicit_mapping():
+    model = _nameless(load("cyclegan_tiny_oldstyle.onnx"))
+    f, want = feeds(model, "cyclegan_tiny_io.npz", 1)
+    pytest.importorskip("torch")
+    labels = [n.name for n in model.graph.node if n.op_type == "InstanceNormalization"]
+    result = apply(model, stats=str(FIXTURES / "cyclegan_tiny.pt"),
+                   inorm_modules=[f"{a}={b}" for a, b in zip(labels, CYCLEGAN_MODULES)])
+    assert [d["method"] for d in result.details["norms"]] == ["explicit"] * 5
+    assert_close({"y": output(model, f)}, {"y": want})
+
+
+def test_explicit_mapping_with_the_wrong_channel_count_is_refused():
+    model = _nameless(load("cyclegan_tiny_oldstyle.onnx"))
+    pytest.importorskip("torch")
+    first = next(n.name for n in model.graph.node if n.op_type == "InstanceNormalization")
+    with pytest.raises(NormfixError, match="module model.5 given for it has 8 channels"):
+        apply(model, stats=str(FIXTURES / "cyclegan_tiny.pt"), inorm_modules={first: "model.5"}, allow_partial=False)
 
 
 def _npz_stats(name="stargan_tiny_stats.npz") -> dict:
@@ -142,7 +177,7 @@ def test_stats_from_another_model_is_an_error_and_nothing_is_written(fixture, st
     with pytest.raises(NormfixError, match=r"no usable running statistics for \d of \d") as err:
         apply(model, stats=str(FIXTURES / stats))
     labels = [n.name for n in model.graph.node if n.op_type == "InstanceNormalization"]
-    assert "another model" in str(err.value) and all(f"{label}:" in str(err.value) for label in labels)
+    assert "another model" in str(err.value) and all(label in str(err.value) for label in labels)
     assert model.SerializeToString() == original
 
 

@@ -41,6 +41,15 @@ def test_generator_covers_the_space():
     assert any(c.model.graph.input[0].type.tensor_type.elem_type == 10 for c in cases)  # fp16
     assert any(c.model.ir_version == 3 for c in cases)  # initializers as graph inputs
     assert any(c.folds == 0 for c in cases) and any(c.folds >= 3 for c in cases)  # declines and folds
+    # issue 10: overridable initializers, outputs without shapes, training-mode Dropout (both
+    # kinds), 1-D MatMul inputs (some under a lying value_info), dtype/shape-only constants
+    assert sum(bool(c.overridable) for c in cases) >= 5
+    assert sum(c.shapeless_outputs for c in cases) >= 5
+    assert {c.dropout for c in cases} >= {"seeded", "unseeded"}
+    ops = [{n.op_type for n in c.model.graph.node} for c in cases]
+    assert sum(any(n.output[0].startswith("vec") for n in c.model.graph.node) for c in cases) >= 5
+    assert any(not c.strict for c in cases)
+    assert sum("CastLike" in o for o in ops) >= 5 and sum("ConstantOfShape" in o for o in ops) >= 5
 
 
 def test_generator_is_deterministic():

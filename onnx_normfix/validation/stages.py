@@ -26,20 +26,13 @@ from . import randomness as R
 from .compare import compare_draws, float32_copy, float32_draws, input_scale, needs_reference
 from .feeds import FeedPlan, FeedsUnavailable, Options, check_shape_names, make_draws, real_inputs, shape_candidates
 from .sites import check_sites
+from .checker import run_checker  # noqa: F401  (stages check with the input's policy)
 from .worker import RuntimeCrashed, RuntimeUnavailable, Staged, run_draws
 
 # Above this many nodes, creating an onnxruntime session for the whole model costs more than
 # the pass itself (1 s at 10k nodes, 135 s at 100k): stages whose pass names its rewrite
 # sites are then checked site by site, unless full validation is asked for.
 WHOLE_MODEL_NODES = 5000
-
-
-def run_checker(source, full_check: bool = False) -> None:
-    """onnx.checker on a model's bytes or its staged copy."""
-    if isinstance(source, Staged):
-        source.check(full_check)
-    else:
-        onnx.checker.check_model(source, full_check=full_check)
 
 
 class Snapshot:
