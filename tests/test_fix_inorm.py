@@ -28,7 +28,7 @@ def load(name: str) -> onnx.ModelProto:
 
 def apply(model: onnx.ModelProto, **options):
     """prepare + run, as the pipeline does."""
-    opts = {name: options.get(name, default) for name, default in PASS.option_defaults.items()}
+    opts = {name: options.get(name, default) for name, default in {**dict.fromkeys(PASS.reads), **PASS.option_defaults}.items()}
     return PASS.run(model, PassContext(options=PASS.prepare(model, opts)))
 
 
