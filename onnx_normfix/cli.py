@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--noise-feeds", metavar="FILE.npz", help="also write seeded noise feeds for the output model's noise inputs")
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
+    o.add_argument("--html", metavar="FILE.html", help="write the report as one self-contained HTML page")
     o.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     o.add_argument("-v", "--verbose", action="store_true", help="also print per-site notes and per-output figures")
     o.add_argument("--debug", action="store_true", help="show a traceback on errors")
@@ -119,6 +120,10 @@ def _print_summary(report: dict, verbose: bool, out) -> None:
 
 
 def main(argv=None) -> int:
+    from . import zoo  # IN_DIR OUT_DIR, merge-reports, manifest (see zoo.py)
+
+    if zoo.wants(argv):
+        return zoo.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -174,6 +179,11 @@ def _main(args, parser) -> int:
         if args.report:
             _write_report(args.report, {"input": args.input, "output": None, "error": str(exc),
                                         "stage": exc.stage, "details": exc.details})
+        if args.html:
+            from .html_report import write_single
+
+            write_single(args.html, {"input": args.input, "output": None, "error": str(exc), "stage": exc.stage,
+                                     "details": exc.details}, args.input, None, exc.exit_code)
         raise
     # nothing touched result.model since validation serialized it: write those bytes
     save_model(result.model, out, serialized=result.serialized, external=result.external_data or None)
@@ -185,6 +195,10 @@ def _main(args, parser) -> int:
         np.savez(args.noise_feeds, **noise_feeds(result.model, seed=args.seed, shapes=opts.get("input_shapes")))
     if args.report:
         _write_report(args.report, result.report)
+    if args.html:
+        from .html_report import write_single
+
+        write_single(args.html, result.report, args.input, out, EXIT_OK)
     if not args.quiet:
         _print_summary(result.report, args.verbose, sys.stdout)
     return EXIT_OK
