@@ -82,17 +82,17 @@ CSP = f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{_scri
 # ---- facts about model files -----------------------------------------------------------
 def model_facts(path) -> dict:
     """Size on disk (external data included), node count and op counts of a model file
-    (the graph only: external tensors are not read). Empty on any failure."""
+    (the graph only: external tensors are not read); what could be read, on a broken file."""
     facts: dict = {}
     try:
         import onnx
 
-        from .model_io import external_files
+        from .model_io import external_files, has_external
 
         p = Path(path)
-        facts: dict = {"size": p.stat().st_size}
+        facts["size"] = p.stat().st_size
         model = onnx.load(str(p), load_external_data=False)
-        for data in external_files(p):
+        for data in external_files(p) if has_external(model) else ():
             if data.is_file():
                 facts["size"] += data.stat().st_size
         ops: dict[str, int] = {}
@@ -301,7 +301,8 @@ def _row(k: int, r: dict) -> str:
     z = _d(r.get("zoo"))
     status = _status(r)
     passes = _passes(r)
-    names = ", ".join(str(p.get("name")) for p in passes) or _passes_from_options(z.get("options"))
+    names = (", ".join(str(p.get("name")) for p in passes) or (z.get("passes") if isinstance(z.get("passes"), str) else "")
+             or _passes_from_options(z.get("options")))
     rewrites = sum(int(_num(p.get("rewrites")) or 0) for p in passes) if passes else None
     nb, na = _num(r.get("nodes_before")), _num(r.get("nodes_after"))
     sb, sa = _size(r, "before"), _size(r, "after")

@@ -362,7 +362,7 @@ def _tasks(args, parser, in_dir: Path, out_dir: Path, reports: Path) -> list[dic
         ns = _apply_entry(args, entry, base_dir, parser, where) if entry else args
         src = in_dir / rel
         tasks.append({"path": rel, "input": str(src), "output": str(out_dir / rel),
-                      "report": str(reports / (rel + ".json")), "argv": forward_argv(parser, ns),
+                      "report": str(reports / (rel + ".json")), "argv": forward_argv(parser, ns), "passes": ns.passes,
                       "force": bool(args.force), "bytes": model_bytes(src)})
     if not tasks:
         raise NormfixError(f"manifest {args.manifest}: every model is skipped")
@@ -577,7 +577,7 @@ def _synthetic(task: dict, code: int, error: str) -> dict:
     return {"input": task["input"], "output": None, "status": STATUS.get(code, "error"), "error": error,
             "passes": [], "zoo": {"path": task["path"], "exit_code": code, "status": STATUS.get(code, "error"),
                                   "error": error, "report": task.get("report"), "tool_version": _tool_version(),
-                                  "options": task.get("argv")}}
+                                  "options": task.get("argv"), "passes": task.get("passes")}}
 
 
 # ---- in the worker ---------------------------------------------------------------------
@@ -648,7 +648,8 @@ def run_model(task: dict) -> dict:
     zoo = {"path": task["path"], "exit_code": code, "status": STATUS.get(code, "error"), "error": error,
            "up_to_date": False, "input_sha256": input_sha, "options_key": options_key,
            "options": task["argv"], "tool_version": _tool_version(), "report": str(report_path),
-           "started": started, "seconds": round(time.perf_counter() - t0, 3), "worker": os.getpid()}
+           "started": started, "seconds": round(time.perf_counter() - t0, 3), "worker": os.getpid(),
+           "alone": bool(task.get("alone")), "passes": task.get("passes")}
     if stderr.strip():
         zoo["stderr"] = stderr[-4000:]
     from .html_report import model_facts
