@@ -134,6 +134,8 @@ def main(argv=None) -> int:
         parser = _parser()
         args = parser.parse_args(argv)
         return run(args, parser)
+    except SystemExit as exc:  # argparse printed its one line (or --help)
+        return exc.code if isinstance(exc.code, int) else 2
     except KeyboardInterrupt:
         print("onnx-normfix: interrupted", file=sys.stderr)
         return 130
@@ -341,6 +343,13 @@ def model_bytes(path: Path) -> int:
     return size
 
 
+def plan_memory(tasks: list[dict], jobs: int, budget: int) -> None:
+    """Mark the tasks whose estimated peak is over their share of `budget` bytes: they run alone."""
+    share = budget / max(1, min(jobs, len(tasks)))
+    for t in tasks:
+        t["alone"] = jobs > 1 and t["bytes"] * PEAK_FACTOR > share
+
+
 def _tasks(args, parser, in_dir: Path, out_dir: Path, reports: Path) -> list[dict]:
     if args.manifest:
         manifest = Path(args.manifest)
@@ -385,10 +394,7 @@ def run(args: argparse.Namespace, parser) -> int:
     reports = Path(args.reports) if args.reports else out_dir / REPORTS_DIRNAME
     tasks = _tasks(args, parser, in_dir, out_dir, reports)
     jobs = args.jobs or _default_jobs()
-    budget = (args.memory << 20) if args.memory else _available_memory()
-    share = budget / jobs
-    for t in tasks:
-        t["alone"] = jobs > 1 and t["bytes"] * PEAK_FACTOR > share
+    plan_memory(tasks, jobs, (args.memory << 20) if args.memory else _available_memory())
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         reports.mkdir(parents=True, exist_ok=True)
@@ -853,7 +859,7 @@ class _Progress:
             return
         width = 120
         try:
-            width = os.get_terminal_size(self.stream.fileno()).columns
+            width = os.get_terminal_size(self.stream.fileno()).columns or width  # 0: a pty nobody sized
         except (OSError, ValueError, AttributeError):
             pass
         line = (f"[{self.done}/{self.total}] {self.failed} failed | running: {', '.join(self.running) or '-'}")
