@@ -159,6 +159,8 @@ def _main(args, parser) -> int:
     if not args.input or not args.output:
         parser.error("IN.onnx and OUT.onnx are required")
     out = check_output_path(args.output)
+    if args.html:
+        check_output_path(args.html)
     # external data lives inside the input's folder (load_model enforces it): only an
     # existing file there can be one, and only then is the input parsed a second time
     if (out.exists() and Path(args.input).resolve().parent in out.resolve().parents

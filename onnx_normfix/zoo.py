@@ -391,6 +391,8 @@ def run(args: argparse.Namespace, parser) -> int:
         raise NormfixError("--noise-feeds names one file: in directory mode give it per model, in a manifest entry's \"args\"")
     if args.quiet and args.verbose:
         raise NormfixError("-q and -v contradict each other")
+    if args.html and not Path(args.html).resolve().parent.is_dir():
+        raise NormfixError(f"--html: folder does not exist: {Path(args.html).parent}")
     reports = Path(args.reports) if args.reports else out_dir / REPORTS_DIRNAME
     tasks = _tasks(args, parser, in_dir, out_dir, reports)
     jobs = args.jobs or _default_jobs()
@@ -416,7 +418,8 @@ def run(args: argparse.Namespace, parser) -> int:
         from . import html_report
 
         html_report.write_html(args.html, index["models"], title=f"onnx-normfix: {in_dir}", summary=index)
-    print_summary(index, sys.stdout, index_path=index_path, html=args.html)
+    if not args.quiet:  # -q: the failures only, one line each on stderr (as they happen)
+        print_summary(index, sys.stdout, index_path=index_path, html=args.html)
     return index["exit_code"]
 
 
@@ -847,6 +850,8 @@ class _Progress:
             self._draw()
             return
         line = _model_line(report, f"[{self.done:>{len(str(self.total))}}/{self.total}]")
+        if self.verbose:
+            line += "".join("\n    " + _pass_line(p) for p in (report.get("passes") or []) if isinstance(p, dict))
         if self.tty:
             self.stream.write("\r\x1b[K" + line + "\n")
         elif not self.quiet or code:
@@ -883,6 +888,15 @@ def _model_line(report: dict, prefix: str) -> str:
     secs = z.get("seconds")
     timing = f" {secs:.2f} s" if isinstance(secs, (int, float)) and status != UP_TO_DATE else ""
     return f"{prefix} {status.replace('_', ' ')} {name}{timing}" + (f" (rewrites: {rewrites})" if rewrites else "")
+
+
+def _pass_line(p: dict) -> str:
+    v = p.get("validation") if isinstance(p.get("validation"), dict) else {}
+    diff = v.get("max_abs_diff")
+    figure = f", max abs diff {diff:.3g}" if isinstance(diff, (int, float)) and v.get("status") != "skipped" else ""
+    reason = f" ({v.get('reason')})" if v.get("status") == "skipped" and v.get("reason") else ""
+    return (f"{p.get('name')}: {p.get('rewrites')} rewrites, nodes {p.get('nodes_before')} -> {p.get('nodes_after')}, "
+            f"validation {v.get('status')}{figure}{reason}")
 
 
 def _first_line(text: str) -> str:

@@ -234,6 +234,18 @@ def test_usage_errors_before_any_work(zoo_dir, tmp_path, capsys):
     assert "positive integer" in capsys.readouterr().err
     assert cli.main([str(zoo_dir), str(tmp_path / "o"), "--noise-feeds", "n.npz"]) == 2
     assert "per model" in capsys.readouterr().err
+    assert cli.main([str(zoo_dir), str(tmp_path / "o"), "--html", str(tmp_path / "no" / "x.html")]) == 2
+    assert "--html: folder does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_discovery_skips_hidden_files_and_the_output_tree(tmp_path):
+    (tmp_path / "a" / ".git").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    for rel in ("a/m.onnx", "a/M2.ONNX", "a/.m.onnx.x1.tmp", "a/.hidden.onnx", "a/.git/x.onnx", "out/m.onnx",
+                "a/notes.txt", "top.onnx"):
+        (tmp_path / rel).write_bytes(b"x")
+    assert zoo.discover(tmp_path, exclude=[tmp_path / "out"]) == ["a/M2.ONNX", "a/m.onnx", "top.onnx"]
 
 
 @pytest.mark.parametrize("codes, want", [
