@@ -381,7 +381,7 @@ def _pass_html(p: dict) -> str:
             f'nodes {_fmt_num(p.get("nodes_before"), ".0f")} → {_fmt_num(p.get("nodes_after"), ".0f")}, '
             f'{_fmt_num(p.get("seconds"), ".2f")} s</h3>'
             f'<div>validation <span class="s s-{_e(status)}">{_e(status)}</span>')
-    if _num(v.get("max_abs_diff")) is not None:
+    if _num(v.get("max_abs_diff")) is not None and status != "skipped":
         line += f", max abs diff {_fmt_num(v.get('max_abs_diff'))}, max rel diff {_fmt_num(v.get('max_rel_diff'))}"
     checks = [str(c) for c in _l(v.get("checks"))]
     if checks:

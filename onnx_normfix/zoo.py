@@ -52,6 +52,7 @@ COMMANDS = ("merge-reports", "manifest")
 MANIFEST_KEYS = {"path", "passes", "stats", "stats_key", "calibration_data", "inputs", "reference",
                  "input_shapes", "seed", "rtol", "atol", "args", "skip"}
 _FILE_KEYS = ("stats", "calibration_data", "inputs", "reference")
+_WRITTEN_FILE_FLAGS = {"--noise-feeds", "--report", "--html"}
 # options of the single-model CLI that the zoo sets itself or that mean nothing per model
 _NOT_FORWARDED = {"input", "output", "report", "html", "quiet", "verbose", "list_passes", "help",
                   "jobs", "manifest", "force", "reports", "memory"}
@@ -703,7 +704,9 @@ def _options_key(argv: list[str], cache: dict | None = None) -> str:
     an option names (a new checkpoint under the same name is a new option)."""
     cache = {} if cache is None else cache
     h = hashlib.sha256(json.dumps(argv).encode())
-    for word in argv:
+    for k, word in enumerate(argv):
+        if k and argv[k - 1] in _WRITTEN_FILE_FLAGS:
+            continue  # a file the run writes is not an input of it
         if not word.startswith("-") and os.path.isfile(word):
             if word not in cache:
                 cache[word] = _file_sha(Path(word))

@@ -159,6 +159,11 @@ def test_options_tool_version_and_force_decide_what_is_up_to_date(tmp_path, caps
     key = zoo._options_key(["--stats", str(tmp_path / "stats.npz")])
     np.savez(tmp_path / "stats.npz", a=np.ones(3))
     assert zoo._options_key(["--stats", str(tmp_path / "stats.npz")]) != key
+    # a file the run writes is not an input: its bytes do not change the key
+    noise = ["--passes", "replace_random", "--noise-feeds", str(tmp_path / "noise.npz")]
+    key = zoo._options_key(noise)
+    np.savez(tmp_path / "noise.npz", a=np.ones(3))
+    assert zoo._options_key(noise) == key
 
 
 def test_manifest_per_model_options_and_worst_exit_code(zoo_dir, tmp_path, capsys):
