@@ -76,10 +76,13 @@ def wants(argv) -> bool:
         return True
     try:
         args, _ = _parser(raising=True).parse_known_args(argv)
-        return bool(args.input) and os.path.isdir(args.input)
-    except (_ArgError, SystemExit):
-        # the parse failed (zoo.main will say why); a folder among the words decides
-        return any(not a.startswith("-") and os.path.isdir(a) for a in argv)
+        words = [w for w in (args.input, args.output) if w]
+    except (_ArgError, SystemExit):  # zoo.main or the CLI will say why
+        words = [a for a in argv if not a.startswith("-")][:2]
+    if not words or not os.path.isdir(words[0]):
+        return False
+    # a folder given as IN.onnx with OUT.onnx: the single-model CLI says it is not a file
+    return not (len(words) > 1 and words[1].lower().endswith(".onnx") and not os.path.isdir(words[1]))
 
 
 class _ArgError(Exception):

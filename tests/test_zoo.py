@@ -110,7 +110,7 @@ def test_incremental_skips_until_input_options_or_force_change(zoo_dir, tmp_path
     (zoo_dir / "broken.onnx").unlink()
     (zoo_dir / "gan" / "resnet_tiny_bn.onnx").unlink()
     out = tmp_path / "out"
-    args = [str(zoo_dir), str(out), "--passes", "fold_bn", "--jobs", "2"]
+    args = [str(zoo_dir), str(out), "--passes", "fold_bn", "--jobs", "1"]
 
     def again(*extra) -> str:
         assert cli.main(args + list(extra)) == 0
@@ -184,7 +184,7 @@ def test_manifest_per_model_options_and_worst_exit_code(zoo_dir, tmp_path, capsy
     out = tmp_path / "out"
     from onnx_normfix import cli
 
-    assert cli.main([str(zoo_dir), str(out), "--manifest", str(manifest), "--jobs", "2"]) == 1
+    assert cli.main([str(zoo_dir), str(out), "--manifest", str(manifest), "--jobs", "1"]) == 1
     stdout = capsys.readouterr().out
     entries = by_path(index_of(out))
     assert set(entries) == {"a.onnx", "gan/resnet_tiny_bn.onnx", "gan/deep/ext.onnx"}
@@ -223,6 +223,15 @@ def test_manifest_errors_name_the_line(zoo_dir, tmp_path, capsys, line, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("onnx-normfix: error: manifest ") and needle in err[0], err
     assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_which_words_mean_directory_mode(zoo_dir, tmp_path):
+    assert zoo.wants([str(zoo_dir), str(tmp_path / "out")])
+    assert zoo.wants(["--passes", "fold_bn", str(zoo_dir), str(tmp_path / "out"), "--jobs", "2"])
+    assert zoo.wants(["merge-reports", "a.json", "b.json"]) and zoo.wants(["manifest", str(zoo_dir)])
+    assert not zoo.wants([str(zoo_dir / "a.onnx"), str(tmp_path / "o.onnx")])
+    assert not zoo.wants([str(zoo_dir), str(tmp_path / "o.onnx")])  # a folder as IN.onnx: the CLI refuses it
+    assert not zoo.wants(["--list-passes"]) and not zoo.wants([])
 
 
 def test_usage_errors_before_any_work(zoo_dir, tmp_path, capsys):
@@ -411,7 +420,7 @@ def test_in_place_directory_run_is_up_to_date_after(tmp_path, capsys):
     src.mkdir()
     for k in range(2):
         onnx.save(conv_bn_model(seed=k), src / f"m{k}.onnx")
-    assert cli.main([str(src), str(src), "--jobs", "2"]) == 0
+    assert cli.main([str(src), str(src), "--jobs", "1"]) == 0
     assert all("BatchNormalization" not in count_ops(onnx.load(p)) for p in src.glob("*.onnx"))
     capsys.readouterr()
     assert cli.main([str(src), str(src), "--jobs", "2"]) == 0
