@@ -119,7 +119,10 @@ def write_single(path, report: dict, input=None, output=None, code: int | None =
         zoo.setdefault("size_after", facts.get("size"))
         zoo.setdefault("ops_after", facts.get("ops"))
     if code is not None:
+        from .zoo import STATUS
+
         zoo.setdefault("exit_code", code)
+        zoo.setdefault("status", STATUS.get(code, "error"))
     report["zoo"] = zoo
     write_html(path, [report], title=f"onnx-normfix: {zoo['path']}")
 

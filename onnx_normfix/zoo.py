@@ -393,6 +393,8 @@ def run(args: argparse.Namespace, parser) -> int:
         raise NormfixError(f"OUT_DIR is a file, not a folder: {out_dir} (IN_DIR is a folder)")
     if getattr(args, "noise_feeds", None):
         raise NormfixError("--noise-feeds names one file: in directory mode give it per model, in a manifest entry's \"args\"")
+    if getattr(args, "report", None):
+        raise NormfixError("--report names one file: in directory mode every model gets its report under --reports DIR")
     if args.quiet and args.verbose:
         raise NormfixError("-q and -v contradict each other")
     if args.html and not Path(args.html).resolve().parent.is_dir():
@@ -509,6 +511,13 @@ def run_tasks(tasks: list[dict], jobs: int, progress=None, target=None) -> tuple
                         w = spawn()
                     else:
                         w = None
+                elif task.get("alone") and pending:
+                    # a big model leaves a big heap behind: its memory goes back with the process
+                    conn.send(None)
+                    proc.join(timeout=10)
+                    if proc.is_alive():
+                        proc.kill()
+                    w = spawn()
                 results[task["path"]] = report
                 if progress:
                     progress.finished(task, report)

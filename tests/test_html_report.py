@@ -117,6 +117,19 @@ def test_single_model_cli_html(tmp_path):
     assert "1 → 0" in text  # the BN bar: one before, none after
 
 
+def test_single_model_cli_html_on_a_validation_failure(tmp_path):
+    from onnx_normfix import cli
+
+    src, out, page = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "m.html"
+    onnx.save(conv_bn_model(), src)
+    np.savez(tmp_path / "x.npz", x=np.ones((1, 3, 8, 8), np.float32))
+    np.savez(tmp_path / "y.npz", y=np.zeros((1, 4, 8, 8), np.float32))
+    assert cli.main([str(src), str(out), "-q", "--inputs", str(tmp_path / "x.npz"), "--reference",
+                     str(tmp_path / "y.npz"), "--html", str(page)]) == 1
+    text = page.read_text()
+    assert "s-validation_failed" in text and "differs from the reference" in text and not out.exists()
+
+
 def _browser(page_html: str, tmp_path, name: str) -> dict:
     """Load `page_html` (plus the self-test) from file:// in headless Chromium; return what
     the self-test saw."""

@@ -248,6 +248,8 @@ def test_usage_errors_before_any_work(zoo_dir, tmp_path, capsys):
     assert "positive integer" in capsys.readouterr().err
     assert cli.main([str(zoo_dir), str(tmp_path / "o"), "--noise-feeds", "n.npz"]) == 2
     assert "per model" in capsys.readouterr().err
+    assert cli.main([str(zoo_dir), str(tmp_path / "o"), "--report", "r.json"]) == 2
+    assert "--reports DIR" in capsys.readouterr().err
     assert cli.main([str(zoo_dir), str(tmp_path / "o"), "--html", str(tmp_path / "no" / "x.html")]) == 2
     assert "--html: folder does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
