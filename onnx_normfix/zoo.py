@@ -55,7 +55,7 @@ _FILE_KEYS = ("stats", "calibration_data", "inputs", "reference")
 _WRITTEN_FILE_FLAGS = {"--noise-feeds", "--report", "--html"}
 # options of the single-model CLI that the zoo sets itself or that mean nothing per model
 _NOT_FORWARDED = {"input", "output", "report", "html", "quiet", "verbose", "list_passes", "help",
-                  "jobs", "manifest", "force", "reports", "memory"}
+                  "jobs", "manifest", "force", "reports", "memory", "timeout"}
 
 
 def worst(codes) -> int:
@@ -105,6 +105,8 @@ def _parser(raising: bool = False) -> argparse.ArgumentParser:
                         "only the listed models are processed")
     z.add_argument("--force", action="store_true", help="re-run models whose output is up to date")
     z.add_argument("--reports", metavar="DIR", help=f"per-model reports and {INDEX_NAME} (default OUT_DIR/{REPORTS_DIRNAME})")
+    z.add_argument("--timeout", type=_positive_float, metavar="S",
+                   help="stop a model still running S seconds after it started (exit 2 for that model)")
     z.add_argument("--memory", type=_positive_int, metavar="MB",
                    help="memory the run may use (default: available memory); a model needing more than "
                         "MB/jobs runs alone")
@@ -115,6 +117,16 @@ def _parser(raising: bool = False) -> argparse.ArgumentParser:
             raise _ArgError(message)
         p.error = error
     return p
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -412,7 +424,7 @@ def run(args: argparse.Namespace, parser) -> int:
     started = time.time()
     progress = _Progress(len(tasks), sys.stderr, quiet=args.quiet, verbose=args.verbose)
     done, todo = check_up_to_date(tasks, progress)
-    entries, interrupted = run_tasks(todo, jobs, progress) if todo else ([], False)
+    entries, interrupted = run_tasks(todo, jobs, progress, timeout=args.timeout) if todo else ([], False)
     progress.close()
     by_path = {e["zoo"]["path"]: e for e in done + entries}
     entries = [by_path[t["path"]] for t in tasks if t["path"] in by_path]
@@ -457,9 +469,11 @@ def check_up_to_date(tasks: list[dict], progress=None) -> tuple[list[dict], list
     return done, todo
 
 
-def run_tasks(tasks: list[dict], jobs: int, progress=None, target=None) -> tuple[list[dict], bool]:
+def run_tasks(tasks: list[dict], jobs: int, progress=None, target=None,
+              timeout: float | None = None) -> tuple[list[dict], bool]:
     """Run every task in up to `jobs` worker processes, largest first; a task marked `alone`
-    runs with no other task. Returns (one per-model report per task, interrupted)."""
+    runs with no other task; a task still running `timeout` seconds after it was dispatched
+    is stopped (exit 2). Returns (one per-model report per task, interrupted)."""
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
@@ -494,16 +508,31 @@ def run_tasks(tasks: list[dict], jobs: int, progress=None, target=None) -> tuple
                 alone_running = bool(task.get("alone"))
                 if progress:
                     progress.started(task)
-            ready = wait([w[1] for w in busy] + [w[0].sentinel for w in busy])
+            left = min(_deadline(t, timeout) for t in busy.values()) - time.time() if timeout else None
+            ready = wait([w[1] for w in busy] + [w[0].sentinel for w in busy],
+                         timeout=None if left is None else max(0.0, left))
             for w in list(busy):
                 proc, conn = w
                 if conn not in ready and proc.sentinel not in ready:
+                    task = busy[w]
+                    if timeout and time.time() >= _deadline(task, timeout):
+                        del busy[w]
+                        _end_worker(proc, conn)
+                        report = _synthetic(task, 2, f"timed out after {timeout:g} s (--timeout); stopped")
+                        results[task["path"]] = report
+                        if progress:
+                            progress.finished(task, report)
+                        if pending:
+                            idle.append(spawn())
                     continue
-                task = busy.pop(w)
                 try:
                     report = conn.recv() if conn.poll() else None
                 except (EOFError, OSError):
                     report = None
+                if isinstance(report, tuple) and report[:1] == ("started",):
+                    busy[w].update(started=report[1], acked=True)  # the worker has it: its time starts now
+                    continue
+                task = busy.pop(w)
                 if report is None:  # the worker died with the task
                     report = _synthetic(task, 3, f"worker process died ({_death(proc)}) while running this model")
                     conn.close()
@@ -540,6 +569,29 @@ def run_tasks(tasks: list[dict], jobs: int, progress=None, target=None) -> tuple
                 proc.kill()
                 proc.join()
     return [results[t["path"]] for t in tasks if t["path"] in results], interrupted
+
+
+# a worker still starting (imports on a loaded machine) is not yet running its model
+STARTUP_GRACE = 120.0
+
+
+def _deadline(task: dict, timeout: float) -> float:
+    return task["started"] + timeout + (0.0 if task.get("acked") else STARTUP_GRACE)
+
+
+def _end_worker(proc, conn) -> None:
+    """Stop a worker mid-model: SIGINT first (the CLI then removes its temporaries), then kill."""
+    import signal
+
+    conn.close()
+    try:
+        os.kill(proc.pid, signal.SIGINT)
+    except OSError:
+        pass
+    proc.join(timeout=5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
 
 
 def _stop(busy: dict, results: dict) -> None:
@@ -612,6 +664,8 @@ def _worker_main(conn) -> None:
                 break
             if task is None:
                 break
+            task["started"] = time.time()
+            conn.send(("started", task["started"]))
             try:
                 report = run_model(task)
             except KeyboardInterrupt:

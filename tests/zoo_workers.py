@@ -18,3 +18,20 @@ def dying_worker(conn):
         if task["path"].startswith("die"):
             os.kill(os.getpid(), signal.SIGKILL)
         conn.send(zoo.run_model(task))
+
+
+def sleepy_worker(conn):
+    """A worker that hangs on one model (as onnxruntime on a pathological graph)."""
+    import time
+
+    while True:
+        task = conn.recv()
+        if task is None:
+            return
+        conn.send(("started", time.time()))  # the timeout counts from here, as in the real worker
+        if task["path"].startswith("slow"):
+            try:
+                time.sleep(600)
+            except KeyboardInterrupt:  # how the zoo stops a worker first
+                return
+        conn.send(zoo.run_model(task))
