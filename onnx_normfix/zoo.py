@@ -304,12 +304,15 @@ def forward_argv(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> lis
         if (value == action.default and action.dest != "passes") or value is None:
             continue
         flag = next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            out.append(flag)
+        if isinstance(action, argparse._StoreConstAction):  # store_true/store_false too
+            if value == action.const:
+                out.append(flag)
         elif isinstance(action, argparse.BooleanOptionalAction):
             out.append(flag if value else "--no-" + flag[2:])
         elif isinstance(action, argparse._CountAction):
             out += [flag] * int(value)
+        elif isinstance(action, argparse._AppendConstAction):
+            out += [flag] * sum(1 for v in value if v == action.const)
         elif isinstance(action, argparse._AppendAction):
             for v in value:
                 out += [flag, str(v)]

@@ -226,6 +226,32 @@ def test_manifest_errors_name_the_line(zoo_dir, tmp_path, capsys, line, needle):
     assert not (tmp_path / "out").exists()  # nothing started
 
 
+def test_forwarded_options_rebuild_the_namespace():
+    """Every kind of option the single-model CLI has (or may add) is forwarded so that its
+    parser reads back the same values."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("input", nargs="?")
+    p.add_argument("--passes", default="fold_bn")
+    p.add_argument("--flag", action="store_true")
+    p.add_argument("--no-thing", dest="thing", action="store_false")
+    p.add_argument("--layout", dest="layout", action="store_const", const="external")
+    p.add_argument("--shape", action="append", default=[])
+    p.add_argument("--tol", type=float)
+    p.add_argument("--pair", nargs=2)
+    p.add_argument("--data", action=argparse.BooleanOptionalAction)
+    p.add_argument("-v", "--verbose", action="store_true")
+    argv = ["--flag", "--no-thing", "--layout", "--shape", "x:1x3", "--shape", "y:2", "--tol", "1e-07",
+            "--pair", "a", "b", "--no-data", "-v"]
+    ns = p.parse_args(argv)
+    forwarded = zoo.forward_argv(p, ns)
+    assert "--verbose" not in forwarded and forwarded[:2] == ["--passes", "fold_bn"]
+    back = p.parse_args(forwarded)
+    assert {k: v for k, v in vars(back).items() if k != "verbose"} == {k: v for k, v in vars(ns).items() if k != "verbose"}
+    assert zoo.forward_argv(p, p.parse_args([])) == ["--passes", "fold_bn"]
+
+
 def test_which_words_mean_directory_mode(zoo_dir, tmp_path):
     assert zoo.wants([str(zoo_dir), str(tmp_path / "out")])
     assert zoo.wants(["--passes", "fold_bn", str(zoo_dir), str(tmp_path / "out"), "--jobs", "2"])
