@@ -350,7 +350,10 @@ def _default_jobs() -> int:
 def model_bytes(path: Path) -> int:
     """The model's size on disk: the .onnx plus the external data files it names (read
     from the graph only when the .onnx is small; a large .onnx is its own payload)."""
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError:  # a dangling symlink: its worker says why it cannot be read
+        return 0
     if size < (64 << 20):
         from .model_io import external_files
 
@@ -624,11 +627,13 @@ def _stop(busy: dict, results: dict) -> None:
         for w in list(busy):
             proc, conn = w
             if conn in ready or proc.sentinel in ready:
-                task = busy.pop(w)
                 try:
                     report = conn.recv() if conn.poll() else None
                 except (EOFError, OSError):
                     report = None
+                if isinstance(report, tuple):  # the worker only now took its model
+                    continue
+                task = busy.pop(w)
                 results[task["path"]] = report or _synthetic(task, 130, "interrupted")
     for w in list(busy):
         task = busy.pop(w)
