@@ -702,7 +702,12 @@ def run_model(task: dict) -> dict:
     started = task.get("started") or time.time()
     t0 = time.perf_counter()
     src, out, report_path = Path(task["input"]), Path(task["output"]), Path(task["report"])
-    input_sha = task.get("input_sha256") or content_digest(src)
+    input_sha = task.get("input_sha256")
+    if input_sha is None:
+        try:
+            input_sha = content_digest(src)
+        except OSError:
+            pass  # the CLI says why it cannot read the file
     options_key = task.get("options_key") or _options_key(task["argv"])
     out.parent.mkdir(parents=True, exist_ok=True)
     report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -783,7 +788,10 @@ def _options_key(argv: list[str], cache: dict | None = None) -> str:
             continue  # a file the run writes is not an input of it
         if not word.startswith("-") and os.path.isfile(word):
             if word not in cache:
-                cache[word] = _file_sha(Path(word))
+                try:
+                    cache[word] = _file_sha(Path(word))
+                except OSError:  # unreadable: the CLI says so; the key just never matches
+                    cache[word] = f"unreadable {time.time()}"
             h.update(b"\0file\0" + word.encode() + b"\0" + cache[word].encode())
     return h.hexdigest()
 

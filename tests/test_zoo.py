@@ -293,6 +293,17 @@ def test_discovery_skips_hidden_files_and_the_output_tree(tmp_path):
     assert zoo.discover(tmp_path, exclude=[tmp_path / "out"]) == ["a/M2.ONNX", "a/m.onnx", "top.onnx"]
 
 
+def test_a_dangling_symlink_is_left_to_its_worker(tmp_path):
+    link = tmp_path / "gone.onnx"
+    link.symlink_to(tmp_path / "missing.onnx")
+    assert zoo.discover(tmp_path) == ["gone.onnx"] and zoo.model_bytes(link) == 0
+    task = {"path": "gone.onnx", "input": str(link), "output": str(tmp_path / "o" / "gone.onnx"),
+            "report": str(tmp_path / "r" / "gone.onnx.json"), "argv": ["--passes", "fold_bn"]}
+    assert zoo.check_up_to_date([task]) == ([], [task])
+    report = zoo.run_model(task)
+    assert report["zoo"]["exit_code"] == 2 and "not found" in report["zoo"]["error"]
+
+
 @pytest.mark.parametrize("codes, want", [
     ([], 0), ([0, 0], 0), ([0, 1, 0], 1), ([1, 2, 0], 2), ([2, 3, 1], 3), ([3, 130, 2], 130), ([0, 7], 7), ([7, 130], 130),
 ])
