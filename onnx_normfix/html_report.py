@@ -201,6 +201,11 @@ def _validation(report: dict) -> tuple[float | None, str]:
             covered = covered or report[key]["covered"]
     if not covered and skipped:
         covered = "not compared (" + "; ".join(skipped[:2]) + ")"
+    failed = _d(report.get("details"))  # a validation failure: the figures that failed it
+    if worst is None and _num(failed.get("max_abs_diff")) is not None:
+        worst = _num(failed.get("max_abs_diff"))
+    if report.get("stage") and not covered:
+        covered = f"failed at {report.get('stage')}"
     return worst, covered
 
 
