@@ -167,7 +167,9 @@ def _status(report: dict) -> str:
 
 def _size(report: dict, when: str):
     z = _d(report.get("zoo"))
-    for value in (z.get(f"size_{when}"), report.get(f"size_{when}"), report.get(f"bytes_{when}"),
+    side = _d(_d(report.get("files")).get("input" if when == "before" else "output"))
+    for value in (z.get(f"size_{when}"), side.get("total_bytes"), side.get("bytes"),
+                  report.get(f"size_{when}"), report.get(f"bytes_{when}"),
                   _d(report.get("sizes")).get(when), _d(report.get("size")).get(when),
                   _d(report.get("file_sizes")).get(when)):
         if _num(value) is not None:
@@ -193,7 +195,8 @@ def _validation(report: dict) -> tuple[float | None, str]:
                 checks.append(c)
         if status == "skipped" and v.get("reason"):
             skipped.append(f"{p.get('name')}: {v.get('reason')}")
-    covered = ", ".join(checks)
+    covered = _d(report.get("validation")).get("summary")
+    covered = covered if isinstance(covered, str) and covered else ", ".join(checks)
     for key in ("validation", "covered", "validated"):
         if isinstance(report.get(key), str):
             covered = covered or report[key]
@@ -201,12 +204,28 @@ def _validation(report: dict) -> tuple[float | None, str]:
             covered = covered or report[key]["covered"]
     if not covered and skipped:
         covered = "not compared (" + "; ".join(skipped[:2]) + ")"
-    failed = _d(report.get("details"))  # a validation failure: the figures that failed it
+    failed = _failure_details(report)  # a validation failure: the figures that failed it
     if worst is None and _num(failed.get("max_abs_diff")) is not None:
         worst = _num(failed.get("max_abs_diff"))
-    if report.get("stage") and not covered:
-        covered = f"failed at {report.get('stage')}"
+    if _stage(report) and not covered:
+        covered = f"failed at {_stage(report)}"
     return worst, covered
+
+
+def _stage(report: dict):
+    return report.get("stage") or _d(report.get("error")).get("stage")
+
+
+def _failure_details(report: dict) -> dict:
+    return _d(report.get("details")) or _d(_d(report.get("error")).get("details"))
+
+
+def _error_text(report: dict):
+    z = _d(report.get("zoo"))
+    err = z.get("error") or report.get("error")
+    if isinstance(err, dict):  # {kind, message, stage, details}
+        err = err.get("message") or err.get("kind")
+    return err
 
 
 def _declines(entry: dict) -> tuple[list[str], list[str]]:
@@ -346,28 +365,36 @@ def _detail(k: int, r: dict) -> str:
     for label, value in (("input", r.get("input")), ("output", r.get("output")),
                          ("exit code", z.get("exit_code")), ("report", z.get("report")),
                          ("options", " ".join(map(str, _l(z.get("options")))) or None),
-                         ("input sha256", z.get("input_sha256")), ("tool", z.get("tool_version") or r.get("version"))):
+                         ("input sha256", z.get("input_sha256")),
+                         ("tool", z.get("tool_version") or _d(r.get("tool")).get("version") or r.get("version")),
+                         ("validation", _d(r.get("validation")).get("summary"))):
         if value not in (None, ""):
             facts.append(f"<div><b>{_e(label)}:</b> <span class=\"mono\">{_e(value)}</span></div>")
     if z.get("up_to_date"):
         facts.append("<div>Up to date: same input bytes, options and tool version as the run this report is from; "
                      "not re-run.</div>")
     parts.append("".join(facts))
-    error = z.get("error") or r.get("error")
+    error = _error_text(r)
     if error:
         parts.append(f'<h3>Error</h3><div class="err">{_e(error)}</div>')
     stderr = z.get("stderr")
     if stderr and status not in ("ok", "up_to_date"):
         parts.append(f'<details><summary>stderr</summary><div class="err">{_e(stderr)}</div></details>')
-    if r.get("stage") or r.get("details"):
-        parts.append(f"<div>failed at stage <b>{_e(r.get('stage') or _DASH)}</b></div>")
-        outs = _d(_d(r.get("details")).get("outputs"))
-        if outs:
+    if _stage(r) or _failure_details(r):
+        parts.append(f"<div>failed at stage <b>{_e(_stage(r) or _DASH)}</b></div>")
+        outs = _d(_failure_details(r).get("outputs"))
+        if outs and not any(p.get("name") == _stage(r) and _d(_d(p.get("validation")).get("outputs"))
+                            for p in _passes(r)):  # shown with the pass otherwise
             parts.append(_outputs_table(outs))
     for note in _l(r.get("notes")):
         parts.append(f'<div class="mono">{_e(note)}</div>')
     for p in _passes(r):
         parts.append(_pass_html(p))
+    left = [x for x in _l(r.get("leftovers")) if isinstance(x, dict)]
+    if left:
+        parts.append("<h3>Left in the model</h3><ul class=\"notes\">" + "".join(
+            f"<li>{_e(x.get('count', ''))} {_e(x.get('op', ''))} {_e(x.get('kind') or '')}: {_e(x.get('reason') or '')}"
+            + (f" ({_e(x.get('hint'))})" if x.get("hint") else "") + "</li>" for x in left) + "</ul>")
     ref = _d(r.get("reference"))
     if ref:
         parts.append(f"<h3>Reference</h3><div>{_e(ref.get('status', _DASH))}, max abs diff "

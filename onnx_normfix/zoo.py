@@ -874,9 +874,9 @@ def entry_status(report: dict) -> str:
 
 def entry_code(report: dict) -> int:
     z = report.get("zoo") if isinstance(report.get("zoo"), dict) else {}
-    code = z.get("exit_code")
-    if isinstance(code, int):
-        return code
+    for code in (z.get("exit_code"), report.get("exit_code")):
+        if isinstance(code, int) and not isinstance(code, bool):
+            return code
     return {v: k for k, v in STATUS.items()}.get(report.get("status"), 0 if report.get("output") else 2)
 
 

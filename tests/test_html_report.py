@@ -100,10 +100,30 @@ def test_names_and_messages_are_escaped(reports):
     {"zoo": {"ops_before": {"Conv": "3"}, "ops_after": None, "seconds": "n/a", "exit_code": "2"}},
     {"zoo": None, "nodes_before": [1], "size": {"before": 10}, "details": {"outputs": {"y": {"ok": False}}}},
     {"status": "validation_failed", "version": "0.2", "sizes": {"before": 100, "after": 50}},
-], ids=["empty", "passes-str", "junk-entries", "strings-for-numbers", "bad-zoo", "odd-types", "issue11-schema"])
+    {"error": {"kind": "validation", "message": "pass fold_bn changed output 'y'", "stage": "fold_bn",
+               "details": {"outputs": {"y": {"ok": False, "max_abs_diff": 2.0}}}}, "files": {"input": {"total_bytes": 9}},
+     "validation": {"summary": "whole model at x:2x3x8x8 (seed 0) after fold_bn"}, "tool": {"version": "0.1.0"},
+     "leftovers": [{"op": "BatchNormalization", "count": 2, "reason": "over N*C", "hint": "run with fix_inorm"}, 7]},
+    {"error": {"kind": None}, "files": [], "validation": "x", "leftovers": "y", "tool": 3},
+], ids=["empty", "passes-str", "junk-entries", "strings-for-numbers", "bad-zoo", "odd-types", "sizes-key",
+        "report-schema-1", "report-schema-1-junk"])
 def test_any_report_shape_renders(report):
     page = render([report, None, "x"])
     assert page.count('<section class="detail"') == 1
+
+
+def test_report_schema_1_fields_are_shown():
+    """The CLI's report schema 1 (status, error object, files, validation summary, leftovers)."""
+    report = {"status": "validation_failed", "exit_code": 1, "input": "m.onnx",
+              "error": {"kind": "validation", "message": "pass fold_bn changed output 'y'", "stage": "fold_bn",
+                        "details": {"max_abs_diff": 2.5, "outputs": {"y": {"ok": False, "max_abs_diff": 2.5}}}},
+              "files": {"input": {"total_bytes": 2048}}, "validation": {"summary": "whole model at x:2x3x8x8"},
+              "leftovers": [{"op": "BatchNormalization", "count": 2, "kind": "over N*C", "reason": "not after a Conv",
+                             "hint": "run with fix_inorm"}]}
+    page = render([report])
+    assert "s-validation_failed" in page and "changed output &#x27;y&#x27;" in page and "2.0 KB" in page
+    assert "whole model at x:2x3x8x8" in page and "failed at stage <b>fold_bn</b>" in page and "2.5" in page
+    assert "run with fix_inorm" in page
 
 
 def test_single_model_cli_html(tmp_path):
