@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--external-data-threshold", type=_bytes, metavar="BYTES",
                    help="with external data: tensors of at least this many bytes go to OUT.data (default 1024)")
     o.add_argument("--report", metavar="FILE.json", help="write the JSON report here (on success and on failure)")
+    o.add_argument("--html", metavar="FILE.html",
+                   help="write the report as one self-contained HTML page (on success and on failure)")
     o.add_argument("--noise-feeds", metavar="FILE.npz",
                    help="also write seeded feeds for the output model's noise inputs (made by replace_random)")
     v = o.add_mutually_exclusive_group()
@@ -266,6 +268,7 @@ class _Run:
         self.output_written = False
         self.final_report: dict | None = None
         self.report_ready = False  # the report path was checked: a failure report may go there
+        self.html_ready = False  # likewise for --html
 
     def progress(self, message: str) -> None:
         if not self.args.quiet:
@@ -281,6 +284,10 @@ def main(argv=None) -> int:
     except Exception as exc:
         print(f"onnx-normfix: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from . import zoo  # IN_DIR OUT_DIR, merge-reports, manifest (see zoo.py)
+
+    if zoo.wants(argv):
+        return zoo.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.list_passes and (not args.input or not args.output):
@@ -333,6 +340,11 @@ def _main(args, run: _Run) -> int:
         if Path(args.report).resolve() in {Path(args.input).resolve(), Path(args.output).resolve()}:
             raise NormfixError(f"--report {args.report} is the same file as IN or OUT")
         run.report_ready = True
+    if args.html:
+        check_output_path(args.html, what="--html file")
+        if Path(args.html).resolve() in {Path(args.input).resolve(), Path(args.output).resolve()}:
+            raise NormfixError(f"--html {args.html} is the same file as IN or OUT")
+        run.html_ready = True
     run.files["input"] = _sizes(args.input)
     out = check_output_path(args.output)
     run.names = _pass_names(args.passes)
@@ -403,6 +415,10 @@ def _write_outputs(args, run: _Run, out: Path) -> None:
         run.final_report = build_report(run, status="ok", exit_code=EXIT_OK)
         if args.report:
             write_file_atomically(args.report, dumps(run.final_report).encode(), "report")
+        if args.html:
+            from .html_report import write_single
+
+            write_single(args.html, run.final_report, args.input, out, EXIT_OK)
     except BaseException:
         if not existed:  # a failed run leaves no OUT behind
             for path in external_files(out) if out.is_file() else ():
@@ -417,7 +433,9 @@ def _failure_report(run: _Run, code: int, error: BaseException) -> None:
     """On any failure after argument parsing: the report (status validation_failed or error),
     if --report was given and its path was checked."""
     args = run.args
-    if not args.report or not run.report_ready:
+    report_to = args.report if run.report_ready else None
+    html_to = args.html if run.html_ready else None
+    if not report_to and not html_to:
         return
     from .errors import NormfixError
     from .model_io import write_file_atomically
@@ -428,7 +446,12 @@ def _failure_report(run: _Run, code: int, error: BaseException) -> None:
     status = "validation_failed" if code == EXIT_VALIDATION else "error"
     try:
         report = build_report(run, status=status, exit_code=code, error=error)
-        write_file_atomically(args.report, dumps(report).encode(), "report")
+        if report_to:
+            write_file_atomically(report_to, dumps(report).encode(), "report")
+        if html_to:
+            from .html_report import write_single
+
+            write_single(html_to, report, args.input, None, code)
     except NormfixError as exc:
         print(f"onnx-normfix: error: {_one_line(exc)}", file=sys.stderr)
     except Exception as exc:  # the report must never hide the error that ended the run
