@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("replace_random")
     r.add_argument("--random-mode", choices=["input", "constant", "mean"], help="noise as a graph input (default), a seeded constant, or the mean")
     r.add_argument("--noise-feeds", metavar="FILE.npz", help="also write seeded noise feeds for the output model's noise inputs")
+    n = p.add_argument_group("fuse_norms")
+    n.add_argument("--target-opset", type=int, metavar="N",
+                   help="first raise the default-domain opset to N (onnx.version_converter, its own validated stage); "
+                        "LayerNormalization needs 17, GroupNormalization 21, RMSNormalization 23")
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
     o.add_argument("-q", "--quiet", action="store_true", help="print errors only")
@@ -87,7 +91,8 @@ def _options(args) -> dict:
         opts["input_shapes"] = {k: (v[0] if len(v) == 1 else v) for k, v in shapes.items()}
     pass_flags = {"fix_inorm": {"stats": args.stats, "calibration_data": args.calibration_data,
                                 "stats_key": args.stats_key, "allow_partial": args.allow_partial or None, "dynamic_batch": args.dynamic_batch or None},
-                  "replace_random": {"random_mode": args.random_mode}}
+                  "replace_random": {"random_mode": args.random_mode},
+                  "fuse_norms": {"target_opset": args.target_opset}}
     from .errors import NormfixError
 
     for pass_name, flags in pass_flags.items():

@@ -1,0 +1,385 @@
+"""Matching for fuse_norms: the normalization chains exporters write, read off a GraphIndex.
+
+Everything here only looks at the graph; `passes/fuse_norms.py` decides and rewrites.
+`match_parents(index, node, [(op, input_index), ...])` is the small path matcher the rest is
+written around ("input k of this node comes from op A, whose input j comes from op B, ..."),
+kept local so it ports to GraphIndex's own primitive when that lands.
+
+`match_moments` starts at the ReduceMean of the squares and walks both ways:
+
+    x -[Cast]-> ReduceMean -> Sub(x, mean) -[Cast]-> Pow(d, 2) | Mul(d, d) -> ReduceMean -> var
+    var -> [Add eps] -> Sqrt | Pow(., 0.5) -> Div(d', std) | Mul(d', Reciprocal | Div(1, std))
+        | Pow(., -0.5) -> Mul(d', rstd)        -> [Cast] -> normalized
+    (RMS: no mean, no Sub: d is x itself)
+
+where d' is d, a Cast of it, or a second identical Sub(x, mean) (the exporters duplicate it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnx_normfix.graph import GraphIndex, attr
+
+T = onnx.TensorProto
+FLOAT_TYPES = {T.FLOAT16, T.FLOAT, T.DOUBLE, T.BFLOAT16}
+# Casts that change no value: the fused op may read the tensor before them.
+_EXACT_UPCASTS = {(T.FLOAT16, T.FLOAT), (T.FLOAT16, T.DOUBLE), (T.BFLOAT16, T.FLOAT),
+                  (T.BFLOAT16, T.DOUBLE), (T.FLOAT, T.DOUBLE)}
+ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def match_parents(index: GraphIndex, node: onnx.NodeProto, path) -> list[onnx.NodeProto] | None:
+    """The chain of producers along `path` ([(op_type, input_index), ...]) above `node`, or None.
+
+    match_parents(ix, div, [("Sqrt", 1), ("Add", 0)]) is [sqrt, add] when div.input[1] comes
+    from a Sqrt whose input[0] comes from an Add."""
+    found, current = [], node
+    for op, slot in path:
+        if len(current.input) <= slot:
+            return None
+        parent = index.producer.get(current.input[slot])
+        if parent is None or parent.op_type != op or parent.domain not in ONNX_DOMAINS:
+            return None
+        found.append(parent)
+        current = parent
+    return found
+
+
+class Graph:
+    """A GraphIndex plus liveness: consumers that reach no graph output are exporter
+    leftovers and never block a rewrite."""
+
+    def __init__(self, index: GraphIndex):
+        self.ix = index
+        live, alive = set(index.graph_outputs), set()
+        for node in reversed(index.graph.node):
+            if any(o in live for o in node.output if o):
+                alive.add(id(node))
+                live.update(i for i in node.input if i)
+        self.alive = alive
+        self._types: dict[str, int | None] = {}
+
+    def op(self, name: str, *ops: str) -> onnx.NodeProto | None:
+        node = self.ix.producer.get(name)
+        if node is not None and node.op_type in ops and node.domain in ONNX_DOMAINS:
+            return node
+        return None
+
+    def users(self, name: str) -> list[onnx.NodeProto]:
+        return [c for c in self.ix.consumers.get(name, []) if id(c) in self.alive]
+
+    def only_user(self, name: str, *ops: str) -> onnx.NodeProto | None:
+        users = self.users(name)
+        if len(users) != 1 or name in self.ix.graph_outputs:
+            return None
+        user = users[0]
+        if ops and (user.op_type not in ops or user.domain not in ONNX_DOMAINS):
+            return None
+        return user
+
+    def dtype(self, name: str) -> int | None:
+        if name not in self._types:
+            node = self.ix.producer.get(name)
+            if node is not None and node.op_type == "Cast":
+                self._types[name] = attr(node, "to")
+            else:
+                t = self.ix.value_type(name)
+                code = t.tensor_type.elem_type if t is not None and t.HasField("tensor_type") else 0
+                self._types[name] = code or None
+        return self._types[name]
+
+    def shape(self, name: str) -> list | None:
+        """Dims as ints (static) or strings/None (symbolic); None if the rank is unknown."""
+        t = self.ix.value_type(name)
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            return None
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.tensor_type.shape.dim]
+
+    def scalar(self, name: str) -> float | None:
+        value = self.ix.constant(name)
+        if value is None or value.size != 1 or value.dtype.kind not in "fiu":
+            return None
+        return float(value.reshape(-1)[0])
+
+    def other_input(self, node: onnx.NodeProto, mine: str) -> str | None:
+        """The input of a binary node that is not `mine` (None if both are, or arity differs)."""
+        if len(node.input) != 2:
+            return None
+        a, b = node.input
+        if a == mine and b != mine:
+            return b
+        if b == mine and a != mine:
+            return a
+        return None
+
+
+def _cast_is_float(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Cast" and attr(node, "to") in FLOAT_TYPES
+
+
+def strip_casts(g: Graph, name: str) -> tuple[str, list[onnx.NodeProto]]:
+    """Walk up float Casts from `name`: (the tensor above them, the Casts, nearest first)."""
+    casts = []
+    while True:
+        node = g.op(name, "Cast")
+        if node is None or not _cast_is_float(node):
+            return name, casts
+        casts.append(node)
+        name = node.input[0]
+
+
+@dataclass
+class Moments:
+    """A matched normalization core, from its input to the normalized (unscaled) output."""
+
+    centered: bool  # LayerNorm-like (x - mean) or RMS-like (x itself)
+    inputs: list[str]  # candidate norm inputs: before each exact upcast on x's side, outermost first
+    stats_input: str  # the tensor the statistics ReduceMeans read
+    axes: list[int] | None  # as written (may be negative); None: all axes
+    eps: float
+    out: str  # normalized output (after a final Cast, if any)
+    nodes: list[onnx.NodeProto] = field(default_factory=list)  # the core's nodes
+    side_casts: list[onnx.NodeProto] = field(default_factory=list)  # x-side upcasts (kept if shared)
+    anchor: onnx.NodeProto | None = None  # the variance ReduceMean (names derive from it)
+
+
+def reduce_axes(g: Graph, node: onnx.NodeProto) -> tuple[list[int] | None, str | None]:
+    """(axes or None for all, why not readable). keepdims=0 and non-constant axes are reasons."""
+    if attr(node, "keepdims", 1) != 1:
+        return None, "keepdims=0 (the statistics lose the reduced axes)"
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = g.ix.constant(node.input[1])
+        if value is None:
+            return None, "ReduceMean axes are not a constant"
+        axes = value.reshape(-1).astype(int).tolist()
+        if not axes and attr(node, "noop_with_empty_axes", 0):
+            return None, "ReduceMean with empty axes and noop_with_empty_axes=1 reduces nothing"
+    return (list(axes) if axes else None), None
+
+
+def match_moments(g: Graph, rv: onnx.NodeProto) -> Moments | str | None:
+    """The normalization whose variance (or mean square) `rv` computes.
+
+    None: `rv` is not the ReduceMean of a square (not a norm at all, say nothing).
+    A string: a norm was recognized but cannot be fused safely, and why."""
+    sq_in, _ = strip_casts(g, rv.input[0])
+    sq = g.op(sq_in, "Pow", "Mul")
+    if sq is None:
+        return None
+    if sq.op_type == "Pow" and g.scalar(sq.input[1]) != 2.0:
+        return None
+    if sq.op_type == "Mul" and (len(sq.input) != 2 or sq.input[0] != sq.input[1]):
+        return None
+    inner = [n for n in [g.ix.producer.get(x) for x in _between(g, rv.input[0], sq_in)] if n is not None]
+    base = sq.input[0]
+    base_root, base_casts = strip_casts(g, base)
+    sub = g.op(base_root, "Sub")
+    rm = g.op(sub.input[1], "ReduceMean") if sub is not None and len(sub.input) == 2 else None
+    centered = rm is not None and rm.input[0] == sub.input[0]
+    var_axes, why = reduce_axes(g, rv)
+    if why:
+        return why
+    nodes = [rv, sq, *inner]
+    if centered:
+        mean_axes, why = reduce_axes(g, rm)
+        if why:
+            return why
+        if mean_axes != var_axes:
+            return f"mean over axes {mean_axes} but variance over axes {var_axes}"
+        stats_input = sub.input[0]
+        nodes += [sub, rm, *base_casts]
+    else:
+        stats_input = base  # x, or its upcast: the Casts above are x's side (below)
+    # walk down: [Add eps] -> Sqrt / Pow(.5) -> Div / Mul(Reciprocal) / Pow(-.5) -> Mul
+    t, eps = rv.output[0], 0.0
+    add = g.only_user(t, "Add")
+    if add is not None:
+        other = g.other_input(add, t)
+        value = g.scalar(other) if other else None
+        if value is None:
+            return "epsilon is not a constant scalar" if other and g.ix.constant(other) is None else None
+        eps, t = value, add.output[0]
+        nodes.append(add)
+    step = g.only_user(t, "Sqrt", "Pow")
+    if step is None:
+        return None
+    nodes.append(step)
+    rstd = None
+    if step.op_type == "Pow":
+        power = g.scalar(step.input[1])
+        if power == -0.5:
+            rstd = step.output[0]
+        elif power != 0.5:
+            return None
+    if rstd is None:
+        std = step.output[0]
+        user = g.only_user(std, "Div", "Reciprocal")
+        if user is None:
+            return None
+        if user.op_type == "Div" and user.input[1] == std and g.scalar(user.input[0]) == 1.0:
+            rstd = user.output[0]
+            nodes.append(user)
+        elif user.op_type == "Reciprocal":
+            rstd = user.output[0]
+            nodes.append(user)
+        elif user.op_type == "Div" and user.input[1] == std:
+            norm, numerator = user, user.input[0]
+        else:
+            return None
+    if rstd is not None:
+        norm = g.only_user(rstd, "Mul")
+        if norm is None:
+            return None
+        numerator = g.other_input(norm, rstd)
+        if numerator is None:
+            return None
+    nodes.append(norm)
+    num_root, num_casts = strip_casts(g, numerator)
+    if centered:
+        twin = g.op(num_root, "Sub")
+        if twin is None or list(twin.input) != list(sub.input):
+            return None
+        if twin is not sub:
+            nodes.append(twin)  # the duplicated Sub(x, mean) of dynamo / hand-written `x - u`
+        nodes += [c for c in num_casts if c not in nodes]
+    else:
+        if num_root != base_root:
+            return None
+        nodes += [c for c in num_casts if all(c is not b for b in base_casts) and c not in nodes]
+    out = norm.output[0]
+    cast_back = g.only_user(out, "Cast")
+    while cast_back is not None and _cast_is_float(cast_back):
+        nodes.append(cast_back)
+        out = cast_back.output[0]
+        cast_back = g.only_user(out, "Cast")
+    # x's side: the statistics (and, for RMS, the numerator) may read upcasts of x
+    _, side = strip_casts(g, stats_input)
+    inputs, exact = [stats_input], []
+    for cast in side:
+        src = cast.input[0]
+        src_type, dst_type = g.dtype(src), attr(cast, "to")
+        if src_type != dst_type and (src_type, dst_type) not in _EXACT_UPCASTS:
+            break
+        exact.append(cast)
+        inputs.append(src)
+    return Moments(centered=centered, inputs=inputs[::-1], stats_input=stats_input, axes=var_axes, eps=eps,
+                   out=out, nodes=_unique(nodes), side_casts=exact, anchor=rv)
+
+
+def _between(g: Graph, top: str, bottom: str) -> list[str]:
+    """Tensor names from `top` up to (excluding) `bottom` along a Cast chain."""
+    names = []
+    while top != bottom:
+        names.append(top)
+        top = g.ix.producer[top].input[0]
+    return names
+
+
+def _unique(nodes: list) -> list:
+    seen, out = set(), []
+    for n in nodes:
+        if id(n) not in seen:
+            seen.add(id(n))
+            out.append(n)
+    return out
+
+
+def normalized_axes(axes: list[int] | None, rank: int | None) -> list[int] | None:
+    """Axes as sorted non-negative ints; None if the rank is needed but unknown."""
+    if axes is None:
+        return list(range(rank)) if rank is not None else None
+    if rank is None:
+        if all(a < 0 for a in axes):
+            k = len(axes)
+            return sorted(a for a in axes) if sorted(axes) == list(range(-k, 0)) else None
+        return None
+    if any(not -rank <= a < rank for a in axes):
+        return None
+    return sorted({a % rank for a in axes})
+
+
+def trailing_start(axes: list[int], rank: int | None) -> int | None:
+    """The first normalized axis if `axes` are the trailing ones (negative when rank unknown)."""
+    if rank is None:
+        k = len(axes)
+        return -k if axes == list(range(-k, 0)) else None
+    return axes[0] if axes == list(range(axes[0], rank)) else None
+
+
+def leaks(g: Graph, nodes: list[onnx.NodeProto], final: str) -> str | None:
+    """Why the pattern cannot be replaced: an intermediate that is a graph output or read by a
+    live node outside the pattern. None if every intermediate stays inside."""
+    inside = {id(n) for n in nodes}
+    for n in nodes:
+        for o in n.output:
+            if not o or o == final:
+                continue
+            if o in g.ix.graph_outputs:
+                return f"intermediate {o} is a graph output (left alone)"
+            outside = [u for u in g.users(o) if id(u) not in inside]
+            if outside:
+                return f"intermediate {o} is also read by {outside[0].name or outside[0].op_type}"
+    return None
+
+
+@dataclass
+class Affine:
+    """Constant Mul / Add after a normalized tensor that the fused op can absorb."""
+
+    scale: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    out: str = ""
+
+
+def match_affine(g: Graph, out: str, fits, with_bias: bool = True) -> Affine:
+    """Absorb `Mul(out, w)` / `Mul(w, out)` then `Add(., b)` while `fits(value)` accepts the
+    constant; a dynamic operand (DiT modulation) or a shape that would broadcast the norm
+    wider ends the absorption there, and the rest stays in the graph as it is."""
+    found = Affine(out=out)
+    user = g.only_user(out, "Mul", "Add")
+    if user is not None and user.op_type == "Mul":
+        other = g.other_input(user, out)
+        value = g.ix.constant(other) if other else None
+        if value is not None and fits(value):
+            found.scale, found.out = value, user.output[0]
+            found.nodes.append(user)
+            user = g.only_user(found.out, "Add")
+        else:
+            return found
+    if with_bias and user is not None and user.op_type == "Add":
+        other = g.other_input(user, found.out)
+        value = g.ix.constant(other) if other else None
+        if value is not None and fits(value):
+            found.bias, found.out = value, user.output[0]
+            found.nodes.append(user)
+    return found
+
+
+def trailing_param(value: np.ndarray, rank: int, start: int, norm_shape: list) -> np.ndarray | None:
+    """`value` (broadcast against a rank-`rank` tensor) as an array of the normalized shape
+    x.shape[start:], or None if it varies along a non-normalized axis or the shape is unknown."""
+    k = rank - start
+    if value.ndim > rank or any(d != 1 for d in value.shape[: max(0, value.ndim - k)]):
+        return None
+    tail = value.reshape(value.shape[max(0, value.ndim - k):])
+    tail = tail.reshape((1,) * (k - tail.ndim) + tail.shape)
+    shape = [s if isinstance(s, int) and s > 0 else (t if t != 1 else None) for s, t in zip(norm_shape, tail.shape)]
+    if any(s is None for s in shape) or any(t not in (1, s) for t, s in zip(tail.shape, shape)):
+        return None
+    return np.ascontiguousarray(np.broadcast_to(tail, shape))
+
+
+def channel_param(value: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
+    """`value` (broadcast against [N, C, ...]) as a [C] vector, or None if it varies elsewhere."""
+    if value.ndim > rank:
+        return None
+    aligned = value.reshape((1,) * (rank - value.ndim) + value.shape)
+    if any(d != 1 for i, d in enumerate(aligned.shape) if i != 1) or aligned.shape[1] not in (1, channels):
+        return None
+    return np.ascontiguousarray(np.broadcast_to(aligned.reshape(-1), (channels,)))
