@@ -81,6 +81,12 @@ class Graph:
             return None
         return user
 
+    def next_user(self, name: str, *ops: str) -> onnx.NodeProto | None:
+        """The one live reader of `name` with one of `ops`, even if `name` is also a graph
+        output or has other readers: the caller's leak check then says why it cannot fuse."""
+        users = [u for u in self.users(name) if u.op_type in ops and u.domain in ONNX_DOMAINS]
+        return users[0] if len(users) == 1 else None
+
     def dtype(self, name: str) -> int | None:
         if name not in self._types:
             node = self.ix.producer.get(name)
@@ -101,9 +107,12 @@ class Graph:
 
     def scalar(self, name: str) -> float | None:
         value = self.ix.constant(name)
-        if value is None or value.size != 1 or value.dtype.kind not in "fiu":
+        if value is None or value.size != 1:
             return None
-        return float(value.reshape(-1)[0])
+        try:  # bfloat16 & co. are numpy void types that still convert
+            return float(value.reshape(-1)[0].astype(np.float64))
+        except (TypeError, ValueError):
+            return None
 
     def other_input(self, node: onnx.NodeProto, mine: str) -> str | None:
         """The input of a binary node that is not `mine` (None if both are, or arity differs)."""
@@ -197,7 +206,7 @@ def match_moments(g: Graph, rv: onnx.NodeProto) -> Moments | str | None:
         stats_input = base  # x, or its upcast: the Casts above are x's side (below)
     # walk down: [Add eps] -> Sqrt / Pow(.5) -> Div / Mul(Reciprocal) / Pow(-.5) -> Mul
     t, eps = rv.output[0], 0.0
-    add = g.only_user(t, "Add")
+    add = g.next_user(t, "Add")
     if add is not None:
         other = g.other_input(add, t)
         value = g.scalar(other) if other else None
@@ -205,7 +214,7 @@ def match_moments(g: Graph, rv: onnx.NodeProto) -> Moments | str | None:
             return "epsilon is not a constant scalar" if other and g.ix.constant(other) is None else None
         eps, t = value, add.output[0]
         nodes.append(add)
-    step = g.only_user(t, "Sqrt", "Pow")
+    step = g.next_user(t, "Sqrt", "Pow")
     if step is None:
         return None
     nodes.append(step)
@@ -218,7 +227,7 @@ def match_moments(g: Graph, rv: onnx.NodeProto) -> Moments | str | None:
             return None
     if rstd is None:
         std = step.output[0]
-        user = g.only_user(std, "Div", "Reciprocal")
+        user = g.next_user(std, "Div", "Reciprocal")
         if user is None:
             return None
         if user.op_type == "Div" and user.input[1] == std and g.scalar(user.input[0]) == 1.0:
@@ -232,7 +241,7 @@ def match_moments(g: Graph, rv: onnx.NodeProto) -> Moments | str | None:
         else:
             return None
     if rstd is not None:
-        norm = g.only_user(rstd, "Mul")
+        norm = g.next_user(rstd, "Mul")
         if norm is None:
             return None
         numerator = g.other_input(norm, rstd)

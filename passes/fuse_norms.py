@@ -159,7 +159,8 @@ def _plan_moments(g: Graph, rv: onnx.NodeProto, opset: int) -> Plan | str | None
                 return group
         # rank 3 is a [N, L, D] LayerNorm unless the affine is per channel: an InstanceNorm
         # scale of L would tie the model to one sequence length
-        if rank >= 4 or grouped or _per_channel_affine(g, m.out, shape):
+        if grouped or _per_channel_affine(g, m.out, shape) or (
+                rank >= 4 and (opset < 17 or not _constant_affine(g, m.out))):
             return _instance_plan(g, what, x, m, nodes, shape, scope)
     if start is None:
         return (f"{what}: reduced axes {axes} of a rank-{rank} tensor are not the trailing axes "
@@ -245,13 +246,20 @@ def _is_group_split(g: Graph, reshaped: str, y: str) -> bool:
     return g.op(reshaped, "Reshape") is not None and g.only_user(y, "Reshape") is not None
 
 
+def _constant_affine(g: Graph, out: str) -> bool:
+    user = g.only_user(out, "Mul", "Add")
+    other = g.other_input(user, out) if user is not None else None
+    return other is not None and g.ix.constant(other) is not None
+
+
 def _per_channel_affine(g: Graph, out: str, shape: list) -> bool:
     user = g.only_user(out, "Mul", "Add")
     other = g.other_input(user, out) if user is not None else None
     value = g.ix.constant(other) if other else None
-    if value is None or not isinstance(shape[1], int) or value.ndim < 2:
+    rank = len(shape)
+    if value is None or not isinstance(shape[1], int) or not rank - 1 <= value.ndim <= rank:
         return False
-    return value.shape[-2] == shape[1] > 1 and channel_param(value, len(shape), shape[1]) is not None
+    return value.shape[1 - (rank - value.ndim)] == shape[1] > 1 and channel_param(value, rank, shape[1]) is not None
 
 
 def _plan_group_of_inorm(g: Graph, node: onnx.NodeProto, opset: int) -> Plan | str | None:
