@@ -30,6 +30,7 @@ FLOAT_TYPES = {T.FLOAT16, T.FLOAT, T.DOUBLE, T.BFLOAT16}
 _EXACT_UPCASTS = {(T.FLOAT16, T.FLOAT), (T.FLOAT16, T.DOUBLE), (T.BFLOAT16, T.FLOAT),
                   (T.BFLOAT16, T.DOUBLE), (T.FLOAT, T.DOUBLE)}
 ONNX_DOMAINS = ("", "ai.onnx")
+MEAN_OPS = ("ReduceMean", "GlobalAveragePool")
 
 
 def match_parents(index: GraphIndex, node: onnx.NodeProto, path) -> list[onnx.NodeProto] | None:
@@ -154,10 +155,17 @@ class Moments:
     nodes: list[onnx.NodeProto] = field(default_factory=list)  # the core's nodes
     side_casts: list[onnx.NodeProto] = field(default_factory=list)  # x-side upcasts (kept if shared)
     anchor: onnx.NodeProto | None = None  # the variance ReduceMean (names derive from it)
+    affine: "Affine | None" = None  # Keras form: gamma/beta are woven into the core's tail
 
 
 def reduce_axes(g: Graph, node: onnx.NodeProto) -> tuple[list[int] | None, str | None]:
-    """(axes or None for all, why not readable). keepdims=0 and non-constant axes are reasons."""
+    """(axes or None for all, why not readable). keepdims=0 and non-constant axes are reasons.
+    GlobalAveragePool (tf2onnx writes it for a mean over the last axes) is ReduceMean(2..r-1)."""
+    if node.op_type == "GlobalAveragePool":
+        shape = g.shape(node.input[0])
+        if shape is None:
+            return None, "rank of the GlobalAveragePool input unknown"
+        return list(range(2, len(shape))), None
     if attr(node, "keepdims", 1) != 1:
         return None, "keepdims=0 (the statistics lose the reduced axes)"
     axes = attr(node, "axes")
@@ -188,7 +196,14 @@ def match_moments(g: Graph, rv: onnx.NodeProto) -> Moments | str | None:
     base = sq.input[0]
     base_root, base_casts = strip_casts(g, base)
     sub = g.op(base_root, "Sub")
-    rm = g.op(sub.input[1], "ReduceMean") if sub is not None and len(sub.input) == 2 else None
+    mean_out, relay = (sub.input[1], None) if sub is not None and len(sub.input) == 2 else (None, None)
+    if mean_out is not None:
+        relay = g.op(mean_out, "Reshape", "Identity")  # tf2onnx: a layout-only Reshape of the mean
+        if relay is not None and g.shape(relay.input[0]) == g.shape(mean_out) and _static(g.shape(mean_out)):
+            mean_out = relay.input[0]
+        else:
+            relay = None
+    rm = g.op(mean_out, *MEAN_OPS) if mean_out is not None else None
     centered = rm is not None and rm.input[0] == sub.input[0]
     var_axes, why = reduce_axes(g, rv)
     if why:
@@ -201,7 +216,7 @@ def match_moments(g: Graph, rv: onnx.NodeProto) -> Moments | str | None:
         if mean_axes != var_axes:
             return f"mean over axes {mean_axes} but variance over axes {var_axes}"
         stats_input = sub.input[0]
-        nodes += [sub, rm, *base_casts]
+        nodes += [sub, rm, *base_casts] + ([relay] if relay is not None else [])
     else:
         stats_input = base  # x, or its upcast: the Casts above are x's side (below)
     # walk down: [Add eps] -> Sqrt / Pow(.5) -> Div / Mul(Reciprocal) / Pow(-.5) -> Mul
@@ -240,6 +255,13 @@ def match_moments(g: Graph, rv: onnx.NodeProto) -> Moments | str | None:
             norm, numerator = user, user.input[0]
         else:
             return None
+    if rstd is not None and centered:
+        keras = _keras_tail(g, rstd, stats_input, rm.output[0])
+        if keras is not None:
+            nodes += keras.nodes
+            return Moments(centered=True, inputs=_side_inputs(g, stats_input)[0], stats_input=stats_input,
+                           axes=var_axes, eps=eps, out=keras.out, nodes=_unique(nodes),
+                           side_casts=_side_inputs(g, stats_input)[1], anchor=rv, affine=keras)
     if rstd is not None:
         norm = g.next_user(rstd, "Mul")
         if norm is None:
@@ -267,6 +289,13 @@ def match_moments(g: Graph, rv: onnx.NodeProto) -> Moments | str | None:
         out = cast_back.output[0]
         cast_back = g.only_user(out, "Cast")
     # x's side: the statistics (and, for RMS, the numerator) may read upcasts of x
+    inputs, exact = _side_inputs(g, stats_input)
+    return Moments(centered=centered, inputs=inputs, stats_input=stats_input, axes=var_axes, eps=eps,
+                   out=out, nodes=_unique(nodes), side_casts=exact, anchor=rv)
+
+
+def _side_inputs(g: Graph, stats_input: str) -> tuple[list[str], list[onnx.NodeProto]]:
+    """(tensors the fused op may read: above each exact upcast, outermost first; those Casts)."""
     _, side = strip_casts(g, stats_input)
     inputs, exact = [stats_input], []
     for cast in side:
@@ -276,8 +305,65 @@ def match_moments(g: Graph, rv: onnx.NodeProto) -> Moments | str | None:
             break
         exact.append(cast)
         inputs.append(src)
-    return Moments(centered=centered, inputs=inputs[::-1], stats_input=stats_input, axes=var_axes, eps=eps,
-                   out=out, nodes=_unique(nodes), side_casts=exact, anchor=rv)
+    return inputs[::-1], exact
+
+
+def _keras_tail(g: Graph, rstd: str, x: str, mean: str) -> "Affine | None":
+    """Keras (tf.nn.batch_normalization, through tf2onnx): with k = rstd [* gamma],
+        y = x * k + (Neg(mean) * k [+ beta])   or   y = x * k + (beta - mean * k)   or   x * k - mean * k
+    as an Affine whose nodes are that tail and whose scale/bias are gamma/beta (None if absent)."""
+    found = Affine()
+    k = rstd
+    first = g.users(rstd)
+    if len(first) == 1 and first[0].op_type == "Mul":
+        other = g.other_input(first[0], rstd)
+        value = g.ix.constant(other) if other else None
+        if value is None:
+            return None
+        found.scale, k = value, first[0].output[0]
+        found.nodes.append(first[0])
+    muls = [u for u in g.users(k) if u.op_type == "Mul" and u.domain in ONNX_DOMAINS]
+    if len(muls) != 2:
+        return None
+    mx = next((u for u in muls if g.other_input(u, k) == x), None)
+    mm = next((u for u in muls if u is not mx), None)
+    if mx is None or mm is None:
+        return None
+    term = g.other_input(mm, k)
+    neg = g.op(term, "Neg") if term else None
+    negated = neg is not None and neg.input[0] == mean
+    if not negated and term != mean:
+        return None
+    found.nodes += [mx, mm] + ([neg] if negated else [])
+    shift, shift_node = mm.output[0], g.next_user(mm.output[0], "Add", "Sub")
+    if shift_node is None:
+        return None
+    if negated and shift_node.op_type == "Add" and mx.output[0] not in shift_node.input:
+        beta = g.ix.constant(g.other_input(shift_node, shift) or "")
+        if beta is None:
+            return None
+        found.bias, shift = beta, shift_node.output[0]
+        found.nodes.append(shift_node)
+        shift_node = g.next_user(shift, "Add")
+    elif not negated and shift_node.op_type == "Sub" and shift_node.input[1] == shift and shift_node.input[0] != mx.output[0]:
+        beta = g.ix.constant(shift_node.input[0])
+        if beta is None:
+            return None
+        found.bias, shift = beta, shift_node.output[0]
+        found.nodes.append(shift_node)
+        shift_node = g.next_user(shift, "Add")
+    want = {"Add"} if negated or found.bias is not None else {"Sub"}
+    if shift_node is None or shift_node.op_type not in want or set(shift_node.input) != {mx.output[0], shift}:
+        return None
+    if shift_node.op_type == "Sub" and list(shift_node.input) != [mx.output[0], shift]:
+        return None
+    found.nodes.append(shift_node)
+    found.out = shift_node.output[0]
+    return found
+
+
+def _static(shape) -> bool:
+    return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
 
 
 def _between(g: Graph, top: str, bottom: str) -> list[str]:

@@ -88,7 +88,7 @@ def _run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
     for node in list(model.graph.node):
         if node.domain not in ONNX_DOMAINS:
             continue
-        if node.op_type == "ReduceMean":
+        if node.op_type in ("ReduceMean", "GlobalAveragePool"):
             outcome = _plan_moments(g, node, opset)
         elif node.op_type == "InstanceNormalization":
             outcome = _plan_group_of_inorm(g, node, opset)
@@ -173,7 +173,9 @@ def _plan_moments(g: Graph, rv: onnx.NodeProto, opset: int) -> Plan | str | None
     def fits(value):
         return value.dtype == SUPPORTED[out_type] and trailing_param(value, rank, start, norm_shape) is not None
 
-    affine = match_affine(g, m.out, fits, with_bias=m.centered)
+    affine = _woven_affine(m, fits) if m.affine is not None else match_affine(g, m.out, fits, with_bias=m.centered)
+    if affine is None:
+        return f"{what}: Keras-form gamma/beta vary along axes it does not normalize"
     scale = None if affine.scale is None else trailing_param(affine.scale, rank, start, norm_shape)
     if scale is None:
         if any(not isinstance(d, int) or d <= 0 for d in norm_shape):
@@ -199,7 +201,9 @@ def _instance_plan(g: Graph, what: str, x: str, m: Moments, nodes, shape, scope)
     def fits(value):
         return value.dtype == dtype and channel_param(value, rank, channels) is not None
 
-    affine = match_affine(g, m.out, fits)
+    affine = _woven_affine(m, fits) if m.affine is not None else match_affine(g, m.out, fits)
+    if affine is None:
+        return f"{what}: Keras-form gamma/beta are not per-channel"
     scale, bias = (np.ones(channels, dtype) if affine.scale is None else channel_param(affine.scale, rank, channels),
                    np.zeros(channels, dtype) if affine.bias is None else channel_param(affine.bias, rank, channels))
     return _finish(g, what, Plan(op="InstanceNormalization", x=x, params=[scale, bias], attrs={"epsilon": m.eps},
@@ -270,6 +274,13 @@ def _plan_group_of_inorm(g: Graph, node: onnx.NodeProto, opset: int) -> Plan | s
     if scale is None or bias is None or not np.all(scale == 1) or not np.all(bias == 0):
         return None
     return _group_plan(g, node.input[0], node.output[0], [node], float(attr(node, "epsilon", 1e-5)), _scope(node), opset)
+
+
+def _woven_affine(m: Moments, fits) -> Affine | None:
+    """The Keras form's gamma/beta (already inside the core's nodes), if they fit the op."""
+    if any(v is not None and not fits(v) for v in (m.affine.scale, m.affine.bias)):
+        return None
+    return Affine(scale=m.affine.scale, bias=m.affine.bias, nodes=[], out=m.out)
 
 
 def _side_casts(g: Graph, m: Moments, x: str) -> list[onnx.NodeProto]:

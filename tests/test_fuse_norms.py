@@ -345,3 +345,43 @@ def test_cli_target_opset(tmp_path, capsys):
     assert "applies to pass fuse_norms" in capsys.readouterr().err
     assert main(["--list-passes"]) == 0
     assert "fuse_norms" in capsys.readouterr().out
+
+
+# ---- real tf2onnx exports (fixtures/_tf_models.py; tensorflow-cpu 2.21 + tf2onnx 1.17) ------------
+def _keras(name):
+    model = onnx.load(FIXTURES / f"{name}.onnx")
+    io = np.load(FIXTURES / f"{name}_io.npz")
+    return model, {"x": io["x"]}, {str(io["output"]): io["y"]}
+
+
+def test_tf2onnx_keras_layernorm_fuses_and_matches_keras():
+    # x * (gamma * rsqrt(var + eps)) + (beta - mean * ...) with GlobalAveragePool means, and the
+    # center=False / scale=False forms
+    model, inputs, ref = _keras("keras_layernorm_seq_op13")
+    result = onnx_normfix.optimize(model, passes=["fuse_norms", "fold_bn"], target_opset=17, inputs=inputs, reference=ref)
+    ops = count_ops(result.model)
+    assert ops.get("LayerNormalization") == 3 and not {"GlobalAveragePool", "Neg", "Sqrt", "Sub"} & set(ops), ops
+    assert result.report["reference"]["status"] == "passed"
+
+
+def test_tf2onnx_keras_layernorm_with_dynamic_gamma_is_not_fused():
+    model, inputs, _ = _keras("keras_layernorm_seq_op13")
+    model = onnx.version_converter.convert_version(model, 17)
+    recips = {n.output[0] for n in model.graph.node if n.op_type == "Reciprocal"}
+    mul = next(n for n in model.graph.node if n.op_type == "Mul" and n.input[0] in recips and n.input[1] not in recips)
+    gamma = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == mul.input[1]))
+    model.graph.input.append(onnx.helper.make_tensor_value_info("gamma_in", T.FLOAT, list(gamma.shape)))
+    mul.input[1] = "gamma_in"
+    after, result = run_pass(model)
+    assert result.rewrites == 2  # the other two still fuse
+    feeds = {**inputs, "gamma_in": gamma}
+    want, got = ort_run(model, feeds), ort_run(after, feeds)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+def test_tf2onnx_nhwc_keras_layernorm_over_channels_declines():
+    model, inputs, ref = _keras("keras_bn_dense_op13")
+    result = onnx_normfix.optimize(model, passes=["fuse_norms"], target_opset=17, inputs=inputs, reference=ref)
+    notes = result.report["passes"][-1]["notes"]
+    assert result.report["passes"][-1]["rewrites"] == 0 and "not the trailing axes" in notes[0]
