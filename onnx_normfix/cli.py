@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--target-opset", type=int, metavar="N",
                    help="first raise the default-domain opset to N (onnx.version_converter, its own validated stage); "
                         "LayerNormalization needs 17, GroupNormalization 21, RMSNormalization 23")
+    n.add_argument("--group-norm", choices=["op", "instance"],
+                   help="GroupNorm as GroupNormalization (op, default; opset >= 21) or Reshape/InstanceNormalization/Reshape")
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="FILE.json", help="write the JSON report here")
     o.add_argument("-q", "--quiet", action="store_true", help="print errors only")
@@ -92,7 +94,7 @@ def _options(args) -> dict:
     pass_flags = {"fix_inorm": {"stats": args.stats, "calibration_data": args.calibration_data,
                                 "stats_key": args.stats_key, "allow_partial": args.allow_partial or None, "dynamic_batch": args.dynamic_batch or None},
                   "replace_random": {"random_mode": args.random_mode},
-                  "fuse_norms": {"target_opset": args.target_opset}}
+                  "fuse_norms": {"target_opset": args.target_opset, "group_norm": args.group_norm}}
     from .errors import NormfixError
 
     for pass_name, flags in pass_flags.items():

@@ -213,7 +213,8 @@ def match_moments(g: Graph, rv: onnx.NodeProto) -> Moments | str | None:
         mean_axes, why = reduce_axes(g, rm)
         if why:
             return why
-        if mean_axes != var_axes:
+        rank = len(g.shape(sub.input[0]) or []) or None
+        if normalized_axes(mean_axes, rank) != normalized_axes(var_axes, rank) or (rank is None and mean_axes != var_axes):
             return f"mean over axes {mean_axes} but variance over axes {var_axes}"
         stats_input = sub.input[0]
         nodes += [sub, rm, *base_casts] + ([relay] if relay is not None else [])
@@ -478,3 +479,60 @@ def channel_param(value: np.ndarray, rank: int, channels: int) -> np.ndarray | N
     if any(d != 1 for i, d in enumerate(aligned.shape) if i != 1) or aligned.shape[1] not in (1, channels):
         return None
     return np.ascontiguousarray(np.broadcast_to(aligned.reshape(-1), (channels,)))
+
+
+def group_split(g: Graph, rs_in: onnx.NodeProto, rs_out: onnx.NodeProto) -> tuple[str, int, int, int] | None:
+    """(x, C, G, rank of x) if Reshape `rs_in` splits x[N, C, *] into [N, G, (C/G)*prod(*)]
+    and `rs_out` restores x's shape exactly; None if that cannot be proven.
+
+    A row-major Reshape keeps each batch item's C*prod(*) elements in order, so [N, G, K] with
+    G*K == C*prod(*) (static) groups C/G consecutive channels, batch dims included: the element
+    count forces N' == N. A symbolic N or K is proven by the Reshape target instead:
+    [Gather(Shape(x), 0) | 0 | N, G, -1] and, back, Shape(x) or x's static non-batch dims."""
+    x = rs_in.input[0]
+    shape0, shape = g.shape(x), g.shape(rs_in.output[0])
+    if shape0 is None or len(shape0) < 3 or shape is None or len(shape) < 3:
+        return None
+    channels, groups = shape0[1], shape[1]
+    if not (isinstance(channels, int) and isinstance(groups, int) and channels > 0 and groups > 0) or channels % groups:
+        return None
+    spatial = shape0[2:]
+    static0 = _static(spatial)
+    if static0 and _static(shape[2:]) and int(np.prod(shape[2:])) == channels // groups * int(np.prod(spatial)):
+        pass  # element count proves the split
+    elif not _group_target(g, rs_in, x, groups):
+        return None
+    # back to x's shape
+    back = g.shape(rs_out.output[0])
+    shape_of = g.op(rs_out.input[1], "Shape")
+    if shape_of is not None and shape_of.input[0] == x and not shape_of.attribute:
+        return x, channels, groups, len(shape0)
+    if back is not None and len(back) == len(shape0) and back[1:] == shape0[1:] and static0 and isinstance(channels, int):
+        return x, channels, groups, len(shape0)
+    return None
+
+
+def _group_target(g: Graph, rs: onnx.NodeProto, x: str, groups: int) -> bool:
+    """The Reshape target is [N of x, G, -1]: a constant (0 copies N when allowzero is 0) or
+    the exporters' Concat(Unsqueeze(Gather(Shape(x), 0)), [G], [-1])."""
+    target = g.ix.constant(rs.input[1])
+    if target is not None:
+        t = target.reshape(-1).tolist()
+        return len(t) == 3 and t[0] == 0 and not attr(rs, "allowzero", 0) and t[1] == groups and t[2] == -1
+    concat = g.op(rs.input[1], "Concat")
+    if concat is None or len(concat.input) != 3:
+        return False
+    tail = [g.ix.constant(i) for i in concat.input[1:]]
+    if any(v is None or v.size != 1 for v in tail) or [int(v.reshape(-1)[0]) for v in tail] != [groups, -1]:
+        return False
+    head = concat.input[0]
+    node = g.op(head, "Unsqueeze")
+    head = node.input[0] if node is not None else head
+    gather = g.op(head, "Gather", "Slice")
+    if gather is None or g.op(gather.input[0], "Shape") is None or g.op(gather.input[0], "Shape").input[0] != x:
+        return False
+    if gather.op_type == "Gather":
+        index = g.ix.constant(gather.input[1])
+        return index is not None and index.size == 1 and int(index.reshape(-1)[0]) == 0 and attr(gather, "axis", 0) == 0
+    starts, ends = (g.ix.constant(i) for i in gather.input[1:3])
+    return starts is not None and ends is not None and starts.reshape(-1).tolist() == [0] and ends.reshape(-1).tolist() == [1]

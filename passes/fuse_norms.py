@@ -52,11 +52,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnx_normfix.errors import NormfixError
 from onnx_normfix.graph import GraphIndex, attr, opset_of, stamp
 from onnx_normfix.registry import Pass, PassContext, PassResult, register_pass
 
 from ._fuse_norms_patterns import (
-    ONNX_DOMAINS, Affine, Graph, Moments, channel_param, leaks, match_affine, match_moments,
+    ONNX_DOMAINS, Affine, Graph, Moments, channel_param, group_split, leaks, match_affine, match_moments,
     normalized_axes, trailing_param, trailing_start,
 )
 
@@ -65,6 +66,9 @@ T = onnx.TensorProto
 NEEDS_OPSET = {"LayerNormalization": 17, "RMSNormalization": 23, "GroupNormalization": 21,
                "InstanceNormalization": 6}
 SUPPORTED = {T.FLOAT16: np.float16, T.FLOAT: np.float32, T.DOUBLE: np.float64}
+# "op": GroupNormalization (opset >= 21); "instance": Reshape -> InstanceNormalization -> Reshape
+# + affine at every opset (onnxruntime 1.32's CPU GroupNormalization is ~2x slower than that).
+GROUP_FORMS = ("op", "instance")
 
 
 @dataclass
@@ -85,12 +89,16 @@ def _run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
     ix = GraphIndex(model)
     g, opset, result = Graph(ix), opset_of(model), PassResult()
     plans, claimed = [], set()
+    form = ctx.options.get("group_norm") or "op"
+    if form not in GROUP_FORMS:
+        raise NormfixError(f"--group-norm {form!r}: expected one of {', '.join(GROUP_FORMS)}")
+    group_op = form == "op"
     for node in list(model.graph.node):
         if node.domain not in ONNX_DOMAINS:
             continue
         if node.op_type in ("ReduceMean", "GlobalAveragePool"):
-            outcome = _plan_moments(g, node, opset)
-        elif node.op_type == "InstanceNormalization":
+            outcome = _plan_moments(g, node, opset, group_op)
+        elif node.op_type == "InstanceNormalization" and group_op:
             outcome = _plan_group_of_inorm(g, node, opset)
         else:
             continue
@@ -129,7 +137,7 @@ def _opset_note(what: str, op: str, opset: int) -> str:
 
 
 # ---- guards: decide what a matched core becomes -----------------------------------------------
-def _plan_moments(g: Graph, rv: onnx.NodeProto, opset: int) -> Plan | str | None:
+def _plan_moments(g: Graph, rv: onnx.NodeProto, opset: int, group_op: bool = True) -> Plan | str | None:
     m = match_moments(g, rv)
     scope = _scope(rv)
     if m is None:
@@ -153,7 +161,7 @@ def _plan_moments(g: Graph, rv: onnx.NodeProto, opset: int) -> Plan | str | None
     instance_axes = rank >= 3 and axes == list(range(2, rank))
     if m.centered and instance_axes:
         grouped = _is_group_split(g, x, m.out)
-        if grouped and opset >= 21:
+        if grouped and opset >= 21 and group_op:
             group = _group_plan(g, x, m.out, nodes, m.eps, scope, opset)
             if group is not None:
                 return group
@@ -216,27 +224,21 @@ def _group_plan(g: Graph, reshaped: str, y: str, core: list, eps: float, scope: 
     rs_in, rs_out = g.op(reshaped, "Reshape"), g.only_user(y, "Reshape")
     if rs_in is None or rs_out is None or opset < 21:
         return None
-    x0 = rs_in.input[0]
-    shape0, shape, back = g.shape(x0), g.shape(reshaped), g.shape(rs_out.output[0])
-    if shape0 is None or shape is None or back != shape0 or len(shape0) < 3 or len(shape) < 3:
+    split = group_split(g, rs_in, rs_out)
+    if split is None:
         return None
-    channels, groups = shape0[1], shape[1]
-    static = all(isinstance(d, int) and d > 0 for d in shape0[1:] + shape[1:])
-    if not static or channels % groups or shape[0] != shape0[0] or shape0[0] is None:
-        return None
-    if int(np.prod(shape[2:])) != channels // groups * int(np.prod(shape0[2:])):
-        return None
+    x0, channels, groups, rank = split
     dtype = SUPPORTED.get(g.dtype(y))
     if dtype is None or g.dtype(x0) != g.dtype(y):
         return None
-    rank = len(shape0)
 
     def fits(value):
         return value.dtype == dtype and channel_param(value, rank, channels) is not None
 
     affine = match_affine(g, rs_out.output[0], fits)
     nodes = list(core) + [rs_out]
-    if all(u in nodes for u in g.users(reshaped)) and reshaped not in g.ix.graph_outputs:
+    inside = {id(n) for n in nodes}
+    if all(id(u) in inside for u in g.users(reshaped)) and reshaped not in g.ix.graph_outputs:
         nodes.append(rs_in)
     scale = np.ones(channels, dtype) if affine.scale is None else channel_param(affine.scale, rank, channels)
     bias = np.zeros(channels, dtype) if affine.bias is None else channel_param(affine.bias, rank, channels)
@@ -336,6 +338,6 @@ PASS = register_pass(
         preserves_outputs=True,
         run=_run,
         order=15,
-        options={"target_opset": None},
+        options={"target_opset": None, "group_norm": "op"},
     )
 )

@@ -50,7 +50,7 @@ class _G:
 def build(kind="ln", shape=(2, 3, 8), axes=None, dtype=TensorProto.FLOAT, opset=17, eps=1e-5, square="pow",
           exp_dtype=None, normalize="div", root="sqrt", axes_mode="initializer", keepdims=None, dup_sub=False,
           affine="xw", casts="none", groups=2, extra_use=None, graph_output_mid=False, dead_leftover=False,
-          eps_input=False, dynamic_scale=False, seed=0) -> onnx.ModelProto:
+          eps_input=False, dynamic_scale=False, mean_axes=None, seed=0) -> onnx.ModelProto:
     """A decomposed norm; see the module docstring. Knobs:
     square pow|mul; exp_dtype: dtype of Pow's exponent (default: the statistics' dtype);
     normalize div|recip|div1|rsqrt_pow; root sqrt|pow; axes_mode initializer|constant|reshape_const;
@@ -78,7 +78,7 @@ def build(kind="ln", shape=(2, 3, 8), axes=None, dtype=TensorProto.FLOAT, opset=
     if kind == "rms":
         d = x
     else:
-        mean = g.reduce_mean(x, axes, axes_mode, keepdims)
+        mean = g.reduce_mean(x, mean_axes or axes, axes_mode, keepdims)
         d = g.op("Sub", [x, mean])
     d_stat = g.op("Cast", [d], to=TensorProto.DOUBLE) if casts == "fp16_double" else d
     exp = np.array(2.0, dtype=NP[exp_dtype] if exp_dtype else sdt)

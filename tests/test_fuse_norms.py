@@ -128,6 +128,7 @@ DECLINES = {  # the must-not-fire twins: name: (build kwargs, note)
     "std_graph_output": (dict(graph_output_mid="std"), "is a graph output"),
     "eps_not_constant": (dict(eps_input=True), "epsilon is not a constant"),
     "keepdims_0": (dict(keepdims=0, shape=(3, 3, 3)), "keepdims=0"),
+    "mean_and_variance_over_other_axes": (dict(shape=(2, 3, 4, 5), axes=[-1], mean_axes=[-2, -1]), "but variance over axes"),
     "channels_first_axis_1": (dict(axes=[1], shape=(2, 3, 4, 4)), "not the trailing axes"),
     "bfloat16": (dict(dtype=T.BFLOAT16), "dtype BFLOAT16"),
     "layernorm_opset16": (dict(opset=16), "--target-opset 17"),
@@ -176,6 +177,13 @@ def test_two_norms_in_a_row_and_names_unique():
     after, _ = assert_fuses(a, {"LayerNormalization": 2}, rewrites=2)
     names = [n.name for n in after.graph.node]
     assert len(set(names)) == len(names)
+
+
+def test_group_norm_instance_form_option():
+    after, result = run_pass(build(kind="gn", shape=(2, 4, 3, 3), opset=21), group_norm="instance")
+    assert result.rewrites == 1 and count_ops(after) == {"Reshape": 2, "InstanceNormalization": 1, "Mul": 1, "Add": 1}
+    with pytest.raises(NormfixError, match="--group-norm"):
+        run_pass(build(kind="gn", shape=(2, 4, 3, 3), opset=21), group_norm="fast")
 
 
 def test_sites_and_details():
@@ -254,6 +262,9 @@ REAL = [  # model, exporter, --target-opset, ops that must remain fused, decompo
     ("unet", "ts16", None, {"InstanceNormalization": 4}, {}),
     ("unet", "dynamo", 21, {"GroupNormalization": 3, "InstanceNormalization": 1}, {}),
     ("dit", "ts16", 17, {"LayerNormalization": 1}, {}),
+    ("transformer", "ts16_dyn", 17, {"LayerNormalization": 3}, {}),  # symbolic batch
+    ("unet", "ts16_dyn", 21, {"GroupNormalization": 3, "InstanceNormalization": 1}, {}),
+    ("llama", "ts16_dyn", 23, {"RMSNormalization": 3}, {}),
 ]
 
 
