@@ -6,6 +6,7 @@
 Tools, each given the same loaded model (in-process, imports excluded, median of --repeats):
   ours             onnx_normfix.optimize(passes=fuse_norms,fold_bn, target_opset=<the op's opset>, validate=False)
   ours+validate    the same with the validator (one onnxruntime session per stage)
+  ours gn=instance the same with --group-norm instance (Reshape/InstanceNormalization/Reshape)
   onnxslim         onnxslim.slim(model)
   onnxscript       onnxscript.optimizer.optimize + rewriter.onnx_fusions.fuse
   ort-transformers onnxruntime.transformers.optimizer.optimize_model(model_type="bert", opt_level=0)
@@ -39,7 +40,7 @@ CASES = {
     "norm_llama_ts16": 23, "norm_llama_dynamo": 23, "norm_unet_ts16": 21, "norm_unet_dynamo": 21,
     "keras_layernorm_seq_op13": 17,
 }
-TOOLS = ("ours", "ours+validate", "onnxslim", "onnxscript", "ort-transformers", "ort-session")
+TOOLS = ("ours", "ours+validate", "ours gn=instance", "onnxslim", "onnxscript", "ort-transformers", "ort-session")
 NORM_OPS = {"LayerNormalization", "RMSNormalization", "GroupNormalization", "InstanceNormalization",
             "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
 
@@ -56,10 +57,12 @@ def load_case(stem: str):
 def run_tool(tool: str, model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    if tool in ("ours", "ours+validate"):
+    if tool.startswith("ours"):
         import onnx_normfix
 
         opts = {"target_opset": target} if target > max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) else {}
+        if tool == "ours gn=instance":
+            opts["group_norm"] = "instance"
         return onnx_normfix.optimize(copy, passes=["fuse_norms", "fold_bn"], validate=tool == "ours+validate", **opts).model
     if tool == "onnxslim":
         import onnxslim

@@ -226,8 +226,10 @@ def match_moments(g: Graph, rv: onnx.NodeProto) -> Moments | str | None:
     if add is not None:
         other = g.other_input(add, t)
         value = g.scalar(other) if other else None
-        if value is None:
-            return "epsilon is not a constant scalar" if other and g.ix.constant(other) is None else None
+        if value is None:  # a norm (Sqrt follows) with a computed epsilon, or not a norm at all
+            if other and g.ix.constant(other) is None and g.next_user(add.output[0], "Sqrt", "Pow") is not None:
+                return "epsilon is not a constant scalar"
+            return None
         eps, t = value, add.output[0]
         nodes.append(add)
     step = g.next_user(t, "Sqrt", "Pow")
@@ -278,11 +280,11 @@ def match_moments(g: Graph, rv: onnx.NodeProto) -> Moments | str | None:
             return None
         if twin is not sub:
             nodes.append(twin)  # the duplicated Sub(x, mean) of dynamo / hand-written `x - u`
-        nodes += [c for c in num_casts if c not in nodes]
+        nodes += num_casts  # (_unique drops the ones already listed)
     else:
         if num_root != base_root:
             return None
-        nodes += [c for c in num_casts if all(c is not b for b in base_casts) and c not in nodes]
+        nodes += [c for c in num_casts if all(c is not b for b in base_casts)]
     out = norm.output[0]
     cast_back = g.only_user(out, "Cast")
     while cast_back is not None and _cast_is_float(cast_back):

@@ -73,8 +73,9 @@ def build(kind="ln", shape=(2, 3, 8), axes=None, dtype=TensorProto.FLOAT, opset=
         axes = [-1]
     if axes is None:
         axes = list(range(2, rank)) if kind == "in" else [-1]
+    cast_in = None
     if casts == "hf_float":
-        x = g.op("Cast", [x], to=TensorProto.FLOAT)
+        x = cast_in = g.op("Cast", [x], to=TensorProto.FLOAT)
     if kind == "rms":
         d = x
     else:
@@ -109,8 +110,9 @@ def build(kind="ln", shape=(2, 3, 8), axes=None, dtype=TensorProto.FLOAT, opset=
         y = g.op("Mul", [num, rstd])
     if casts != "none":
         y = g.op("Cast", [y], to=dtype)
-    taps = {"sub": d, "var": var, "std": std}
-    tap_type = {"sub": TensorProto.FLOAT if casts == "hf_float" else dtype, "var": stat_type, "std": stat_type}
+    taps = {"sub": d, "var": var, "std": std, "cast": cast_in}  # cast: HF's residual reads Cast(x)
+    tap_type = {"sub": TensorProto.FLOAT if casts == "hf_float" else dtype, "var": stat_type, "std": stat_type,
+                "cast": TensorProto.FLOAT}
     if extra_use:
         extra_outputs.append(helper.make_tensor_value_info(g.op("Neg", [taps[extra_use]], name="extra"),
                                                            tap_type[extra_use], None))

@@ -104,6 +104,8 @@ FUSES = {  # name: (build kwargs, ops after)
     "rmsnorm_div_one": (dict(kind="rms", opset=23, normalize="div1", affine="wx"), {"RMSNormalization": 1, "Add": 1}),
     "rmsnorm_div": (dict(kind="rms", opset=23, affine="none"), {"RMSNormalization": 1, "Identity": 1}),
     "rmsnorm_hf_fp16_casts": (dict(kind="rms", opset=23, dtype=T.FLOAT16, casts="hf_float", affine="scale"), RMS),
+    "rmsnorm_hf_cast_read_by_residual": (dict(kind="rms", opset=23, dtype=T.FLOAT16, casts="hf_float", affine="scale",
+                                              extra_use="cast"), {"RMSNormalization": 1, "Cast": 1, "Neg": 1}),
     "rmsnorm_mul_square": (dict(kind="rms", opset=23, square="mul", affine="scale"), RMS),
     "instancenorm": (dict(kind="in", shape=(2, 3, 4, 4)), {"InstanceNormalization": 1}),
     "instancenorm_opset13": (dict(kind="in", shape=(2, 3, 4, 4), opset=13, normalize="recip"), {"InstanceNormalization": 1}),
