@@ -73,8 +73,26 @@ def _channel(idx: GraphIndex, node: onnx.NodeProto, mine: str, rank: int, channe
     return np.broadcast_to(aligned.reshape(-1).astype(np.float64), (channels,))
 
 
+def _affine_follows(idx: GraphIndex, producer: onnx.NodeProto) -> bool:
+    """A Mul/Add with a constant operand reads the producer's output (past a MatMul's bias Add)."""
+    out = producer.output[0]
+    for _ in range(2):
+        user = idx.only_consumer(out)
+        if user is None or user.op_type not in ("Mul", "Add") or user.domain not in ONNX_DOMAINS or len(user.input) != 2:
+            return False
+        other = user.input[1] if user.input[0] == out else user.input[0]
+        if other == out or (other not in idx.initializers and other not in idx.producer):
+            return False
+        if user.op_type == "Mul" or producer.op_type != "MatMul":
+            return True
+        out = user.output[0]  # MatMul -> Add(bias): the affine may come after it
+    return True
+
+
 def _fold(idx: GraphIndex, producer: onnx.NodeProto, claimed: set) -> list[str] | str | None:
     """[the folded output] on success, why not (a string), or None when there is no affine."""
+    if not _affine_follows(idx, producer):
+        return None  # checked before reading the weight: a big one may live in external data
     w = idx.constant(producer.input[1]) if len(producer.input) > 1 else None
     if w is None or w.ndim < 2:
         return None  # not a weight layer we can scale: nothing to say
