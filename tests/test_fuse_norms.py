@@ -269,6 +269,9 @@ REAL = [  # model, exporter, --target-opset, ops that must remain fused, decompo
     ("transformer", "ts16_dyn", 17, {"LayerNormalization": 3}, {}),  # symbolic batch
     ("unet", "ts16_dyn", 21, {"GroupNormalization": 3, "InstanceNormalization": 1}, {}),
     ("llama", "ts16_dyn", 23, {"RMSNormalization": 3}, {}),
+    ("transformer", "ts16_keepinit", 17, {"LayerNormalization": 3}, {}),  # initializers listed as inputs
+    ("unet", "ts13_nofold", 21, {"GroupNormalization": 3, "InstanceNormalization": 1}, {}),  # no constant folding
+    ("llama", "ts13_nofold", 23, {"RMSNormalization": 3}, {}),
 ]
 
 
@@ -400,3 +403,14 @@ def test_tf2onnx_nhwc_keras_layernorm_over_channels_declines():
     result = onnx_normfix.optimize(model, passes=["fuse_norms"], target_opset=17, inputs=inputs, reference=ref)
     notes = result.report["passes"][-1]["notes"]
     assert result.report["passes"][-1]["rewrites"] == 0 and "not the trailing axes" in notes[0]
+
+
+def test_reshape_back_to_another_shape_is_no_groupnorm():
+    # x[N,C,H,W] -> [N,G,-1] -> norm -> [N,C,H*W]: not x's shape, so no GroupNormalization;
+    # the core is still exactly an InstanceNorm of the reshaped tensor
+    model = build(kind="gn", shape=(2, 4, 3, 3), opset=21, affine="none")
+    target = next(t for t in model.graph.initializer if onnx.numpy_helper.to_array(t).tolist() == [2, 4, 3, 3])
+    target.CopyFrom(onnx.numpy_helper.from_array(np.array([2, 4, 9], np.int64), target.name))
+    model.graph.output[0].type.tensor_type.shape.dim.pop()
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 9
+    assert_fuses(model, {"Reshape": 2, "InstanceNormalization": 1, "Identity": 1})
