@@ -34,7 +34,8 @@ MEAN_OPS = ("ReduceMean", "GlobalAveragePool")
 
 
 def match_parents(index: GraphIndex, node: onnx.NodeProto, path) -> list[onnx.NodeProto] | None:
-    """The chain of producers along `path` ([(op_type, input_index), ...]) above `node`, or None.
+    """The chain of producers along `path` ([(op_type or (op_types), input_index), ...]) above
+    `node`, or None.
 
     match_parents(ix, div, [("Sqrt", 1), ("Add", 0)]) is [sqrt, add] when div.input[1] comes
     from a Sqrt whose input[0] comes from an Add."""
@@ -43,7 +44,8 @@ def match_parents(index: GraphIndex, node: onnx.NodeProto, path) -> list[onnx.No
         if len(current.input) <= slot:
             return None
         parent = index.producer.get(current.input[slot])
-        if parent is None or parent.op_type != op or parent.domain not in ONNX_DOMAINS:
+        ops = (op,) if isinstance(op, str) else op
+        if parent is None or parent.op_type not in ops or parent.domain not in ONNX_DOMAINS:
             return None
         found.append(parent)
         current = parent
@@ -196,14 +198,15 @@ def match_moments(g: Graph, rv: onnx.NodeProto) -> Moments | str | None:
     base = sq.input[0]
     base_root, base_casts = strip_casts(g, base)
     sub = g.op(base_root, "Sub")
-    mean_out, relay = (sub.input[1], None) if sub is not None and len(sub.input) == 2 else (None, None)
-    if mean_out is not None:
-        relay = g.op(mean_out, "Reshape", "Identity")  # tf2onnx: a layout-only Reshape of the mean
-        if relay is not None and g.shape(relay.input[0]) == g.shape(mean_out) and _static(g.shape(mean_out)):
-            mean_out = relay.input[0]
-        else:
-            relay = None
-    rm = g.op(mean_out, *MEAN_OPS) if mean_out is not None else None
+    rm, relay = None, None
+    if sub is not None and len(sub.input) == 2:
+        direct = match_parents(g.ix, sub, [(MEAN_OPS, 1)])
+        # tf2onnx: the mean through a Reshape that only relabels its (static) shape
+        relayed = match_parents(g.ix, sub, [(("Reshape", "Identity"), 1), (MEAN_OPS, 0)])
+        if direct:
+            rm = direct[0]
+        elif relayed and g.shape(relayed[0].output[0]) == g.shape(relayed[1].output[0]) and _static(g.shape(sub.input[1])):
+            relay, rm = relayed
     centered = rm is not None and rm.input[0] == sub.input[0]
     var_axes, why = reduce_axes(g, rv)
     if why:
@@ -333,7 +336,7 @@ def _keras_tail(g: Graph, rstd: str, x: str, mean: str) -> "Affine | None":
     if mx is None or mm is None:
         return None
     term = g.other_input(mm, k)
-    neg = g.op(term, "Neg") if term else None
+    neg = (match_parents(g.ix, mm, [("Neg", list(mm.input).index(term))]) or [None])[0] if term else None
     negated = neg is not None and neg.input[0] == mean
     if not negated and term != mean:
         return None
@@ -527,12 +530,11 @@ def _group_target(g: Graph, rs: onnx.NodeProto, x: str, groups: int) -> bool:
     tail = [g.ix.constant(i) for i in concat.input[1:]]
     if any(v is None or v.size != 1 for v in tail) or [int(v.reshape(-1)[0]) for v in tail] != [groups, -1]:
         return False
-    head = concat.input[0]
-    node = g.op(head, "Unsqueeze")
-    head = node.input[0] if node is not None else head
-    gather = g.op(head, "Gather", "Slice")
-    if gather is None or g.op(gather.input[0], "Shape") is None or g.op(gather.input[0], "Shape").input[0] != x:
+    chain = (match_parents(g.ix, concat, [("Unsqueeze", 0), (("Gather", "Slice"), 0), ("Shape", 0)])
+             or match_parents(g.ix, concat, [(("Gather", "Slice"), 0), ("Shape", 0)]))
+    if not chain or chain[-1].input[0] != x or chain[-1].attribute:
         return False
+    gather = chain[-2]
     if gather.op_type == "Gather":
         index = g.ix.constant(gather.input[1])
         return index is not None and index.size == 1 and int(index.reshape(-1)[0]) == 0 and attr(gather, "axis", 0) == 0

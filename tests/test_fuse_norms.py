@@ -414,3 +414,16 @@ def test_reshape_back_to_another_shape_is_no_groupnorm():
     model.graph.output[0].type.tensor_type.shape.dim.pop()
     model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 9
     assert_fuses(model, {"Reshape": 2, "InstanceNormalization": 1, "Identity": 1})
+
+
+def test_match_parents():
+    from onnx_normfix.graph import GraphIndex
+    from onnx_normfix.passes._fuse_norms_patterns import match_parents
+
+    model = build()
+    ix = GraphIndex(model)
+    div = next(n for n in model.graph.node if n.op_type == "Div")
+    chain = match_parents(ix, div, [("Sqrt", 1), ("Add", 0), ("ReduceMean", 0), (("Pow", "Mul"), 0)])
+    assert [n.op_type for n in chain] == ["Sqrt", "Add", "ReduceMean", "Pow"]
+    assert match_parents(ix, div, [("Sqrt", 1), ("Mul", 0)]) is None
+    assert match_parents(ix, div, [("Sqrt", 5)]) is None
