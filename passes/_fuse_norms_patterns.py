@@ -540,3 +540,49 @@ def _group_target(g: Graph, rs: onnx.NodeProto, x: str, groups: int) -> bool:
         return index is not None and index.size == 1 and int(index.reshape(-1)[0]) == 0 and attr(gather, "axis", 0) == 0
     starts, ends = (g.ix.constant(i) for i in gather.input[1:3])
     return starts is not None and ends is not None and starts.reshape(-1).tolist() == [0] and ends.reshape(-1).tolist() == [1]
+
+
+# ---- small questions fuse_norms asks about a matched core ---------------------------------------
+def is_group_split(g: Graph, reshaped: str, y: str) -> bool:
+    return g.op(reshaped, "Reshape") is not None and g.only_user(y, "Reshape") is not None
+
+
+def constant_affine_follows(g: Graph, out: str) -> bool:
+    user = g.only_user(out, "Mul", "Add")
+    other = g.other_input(user, out) if user is not None else None
+    return other is not None and g.ix.constant(other) is not None
+
+
+def per_channel_affine_follows(g: Graph, out: str, shape: list) -> bool:
+    user = g.only_user(out, "Mul", "Add")
+    other = g.other_input(user, out) if user is not None else None
+    value = g.ix.constant(other) if other else None
+    rank = len(shape)
+    if value is None or not isinstance(shape[1], int) or not rank - 1 <= value.ndim <= rank:
+        return False
+    return value.shape[1 - (rank - value.ndim)] == shape[1] > 1 and channel_param(value, rank, shape[1]) is not None
+
+
+def woven_affine(m: Moments, fits) -> Affine | None:
+    """The Keras form's gamma/beta (already inside the core's nodes), if they fit the op."""
+    if any(v is not None and not fits(v) for v in (m.affine.scale, m.affine.bias)):
+        return None
+    return Affine(scale=m.affine.scale, bias=m.affine.bias, nodes=[], out=m.out)
+
+
+def side_casts(g: Graph, m: Moments, x: str) -> list[onnx.NodeProto]:
+    """The upcasts between the chosen input and the statistics that only the pattern reads
+    (HF RMSNorm's Cast(x) also feeds the residual: that one stays)."""
+    inside = {id(n) for n in m.nodes}
+    casts, taken = [], []
+    for cast in m.side_casts if x != m.stats_input else ():  # nearest to the statistics first
+        casts.append(cast)
+        if cast.input[0] == x:
+            break
+    for cast in casts:
+        users = g.users(cast.output[0])
+        if cast.output[0] in g.ix.graph_outputs or any(id(u) not in inside for u in users):
+            break
+        taken.append(cast)
+        inside.add(id(cast))
+    return taken

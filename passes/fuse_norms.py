@@ -21,7 +21,10 @@ Pow(d, 2) with the exponent in any float type or Mul(d, d); Div(d, std), Mul(d, 
 Mul(d, Div(1, std)) or Pow(var, -0.5); Sqrt or Pow(., 0.5); no eps Add (eps 0); float Casts
 around the statistics (fp16 -> double -> fp16, HF's float32 RMSNorm); axes as attribute, input
 or computed constant; a duplicated Sub(x, mean); affine Mul(x, w) / Mul(w, x), bias only, or
-none. A dynamic Mul/Add after the norm (DiT modulation) stays after the fused op. Below opset 21
+none; tf2onnx's Keras form (GlobalAveragePool means, x * (gamma * rstd) + (beta - mean * ...)).
+A dynamic Mul/Add after the norm (DiT modulation) stays after the fused op. Option
+`group_norm="instance"` writes every GroupNorm in the Reshape/InstanceNormalization form
+(onnxruntime 1.32's CPU GroupNormalization is about 2x slower than it). Below opset 21
 a ReduceMean-based GroupNorm becomes Reshape -> InstanceNormalization(ones, zeros) -> Reshape +
 affine (the exporters' own form, valid at every opset); its InstanceNormalization then reaches
 fix_inorm and fold_bn, which run later. The fused ops compute their statistics in float32
@@ -47,7 +50,7 @@ place of its last node; the others go in one GraphIndex.commit().
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -57,8 +60,9 @@ from onnx_normfix.graph import GraphIndex, attr, opset_of, stamp
 from onnx_normfix.registry import Pass, PassContext, PassResult, register_pass
 
 from ._fuse_norms_patterns import (
-    ONNX_DOMAINS, Affine, Graph, Moments, channel_param, group_split, leaks, match_affine, match_moments,
-    normalized_axes, trailing_param, trailing_start,
+    ONNX_DOMAINS, Graph, Moments, channel_param, constant_affine_follows, group_split, is_group_split, leaks,
+    match_affine, match_moments, normalized_axes, per_channel_affine_follows, side_casts, trailing_param,
+    trailing_start, woven_affine,
 )
 
 NAME = "fuse_norms"
@@ -82,7 +86,6 @@ class Plan:
     scope: str
     replaced: int = 0
     kind: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 def _run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
@@ -116,9 +119,9 @@ def _run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         _rewrite(ix, plan)
         fused[plan.op] += 1
         result.sites.append(([plan.x], [plan.out]))
-        result.notes.extend(plan.notes)
     if plans:
         ix.commit()
+        result.notes.insert(0, "fused " + ", ".join(f"{n} {op}" for op, n in sorted(fused.items())))
     result.rewrites = len(plans)
     result.details = {"fused": dict(fused),
                       "sites": [{"scope": p.scope, "kind": p.kind, "op": p.op, "nodes_replaced": p.replaced} for p in plans]}
@@ -156,19 +159,19 @@ def _plan_moments(g: Graph, rv: onnx.NodeProto, opset: int, group_op: bool = Tru
     axes = normalized_axes(m.axes, rank)
     if axes is None or rank is None:
         return f"{what}: rank of the input unknown, cannot tell which axes are reduced"
-    nodes = m.nodes + _side_casts(g, m, x)
+    nodes = m.nodes + side_casts(g, m, x)
     start = trailing_start(axes, rank)
     instance_axes = rank >= 3 and axes == list(range(2, rank))
     if m.centered and instance_axes:
-        grouped = _is_group_split(g, x, m.out)
+        grouped = is_group_split(g, x, m.out)
         if grouped and opset >= 21 and group_op:
             group = _group_plan(g, x, m.out, nodes, m.eps, scope, opset)
             if group is not None:
                 return group
         # rank 3 is a [N, L, D] LayerNorm unless the affine is per channel: an InstanceNorm
         # scale of L would tie the model to one sequence length
-        if grouped or _per_channel_affine(g, m.out, shape) or (
-                rank >= 4 and (opset < 17 or not _constant_affine(g, m.out))):
+        if grouped or per_channel_affine_follows(g, m.out, shape) or (
+                rank >= 4 and (opset < 17 or not constant_affine_follows(g, m.out))):
             return _instance_plan(g, what, x, m, nodes, shape, scope)
     if start is None:
         return (f"{what}: reduced axes {axes} of a rank-{rank} tensor are not the trailing axes "
@@ -181,7 +184,7 @@ def _plan_moments(g: Graph, rv: onnx.NodeProto, opset: int, group_op: bool = Tru
     def fits(value):
         return value.dtype == SUPPORTED[out_type] and trailing_param(value, rank, start, norm_shape) is not None
 
-    affine = _woven_affine(m, fits) if m.affine is not None else match_affine(g, m.out, fits, with_bias=m.centered)
+    affine = woven_affine(m, fits) if m.affine is not None else match_affine(g, m.out, fits, with_bias=m.centered)
     if affine is None:
         return f"{what}: Keras-form gamma/beta vary along axes it does not normalize"
     scale = None if affine.scale is None else trailing_param(affine.scale, rank, start, norm_shape)
@@ -209,7 +212,7 @@ def _instance_plan(g: Graph, what: str, x: str, m: Moments, nodes, shape, scope)
     def fits(value):
         return value.dtype == dtype and channel_param(value, rank, channels) is not None
 
-    affine = _woven_affine(m, fits) if m.affine is not None else match_affine(g, m.out, fits)
+    affine = woven_affine(m, fits) if m.affine is not None else match_affine(g, m.out, fits)
     if affine is None:
         return f"{what}: Keras-form gamma/beta are not per-channel"
     scale, bias = (np.ones(channels, dtype) if affine.scale is None else channel_param(affine.scale, rank, channels),
@@ -248,26 +251,6 @@ def _group_plan(g: Graph, reshaped: str, y: str, core: list, eps: float, scope: 
     return plan if leaks(g, plan.nodes, plan.out) is None else None
 
 
-def _is_group_split(g: Graph, reshaped: str, y: str) -> bool:
-    return g.op(reshaped, "Reshape") is not None and g.only_user(y, "Reshape") is not None
-
-
-def _constant_affine(g: Graph, out: str) -> bool:
-    user = g.only_user(out, "Mul", "Add")
-    other = g.other_input(user, out) if user is not None else None
-    return other is not None and g.ix.constant(other) is not None
-
-
-def _per_channel_affine(g: Graph, out: str, shape: list) -> bool:
-    user = g.only_user(out, "Mul", "Add")
-    other = g.other_input(user, out) if user is not None else None
-    value = g.ix.constant(other) if other else None
-    rank = len(shape)
-    if value is None or not isinstance(shape[1], int) or not rank - 1 <= value.ndim <= rank:
-        return False
-    return value.shape[1 - (rank - value.ndim)] == shape[1] > 1 and channel_param(value, rank, shape[1]) is not None
-
-
 def _plan_group_of_inorm(g: Graph, node: onnx.NodeProto, opset: int) -> Plan | str | None:
     """The exporters' GroupNorm: Reshape -> InstanceNormalization(ones, zeros) -> Reshape."""
     if opset < 21 or len(node.input) < 3:
@@ -276,31 +259,6 @@ def _plan_group_of_inorm(g: Graph, node: onnx.NodeProto, opset: int) -> Plan | s
     if scale is None or bias is None or not np.all(scale == 1) or not np.all(bias == 0):
         return None
     return _group_plan(g, node.input[0], node.output[0], [node], float(attr(node, "epsilon", 1e-5)), _scope(node), opset)
-
-
-def _woven_affine(m: Moments, fits) -> Affine | None:
-    """The Keras form's gamma/beta (already inside the core's nodes), if they fit the op."""
-    if any(v is not None and not fits(v) for v in (m.affine.scale, m.affine.bias)):
-        return None
-    return Affine(scale=m.affine.scale, bias=m.affine.bias, nodes=[], out=m.out)
-
-
-def _side_casts(g: Graph, m: Moments, x: str) -> list[onnx.NodeProto]:
-    """The upcasts between the chosen input and the statistics that only the pattern reads
-    (HF RMSNorm's Cast(x) also feeds the residual: that one stays)."""
-    inside = {id(n) for n in m.nodes}
-    casts, taken = [], []
-    for cast in m.side_casts if x != m.stats_input else ():  # nearest to the statistics first
-        casts.append(cast)
-        if cast.input[0] == x:
-            break
-    for cast in casts:
-        users = g.users(cast.output[0])
-        if cast.output[0] in g.ix.graph_outputs or any(id(u) not in inside for u in users):
-            break
-        taken.append(cast)
-        inside.add(id(cast))
-    return taken
 
 
 def _finish(g: Graph, what: str, plan: Plan) -> Plan | str:
