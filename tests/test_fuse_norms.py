@@ -7,6 +7,7 @@ Hand-built graphs (tests/norm_graphs.py) cover one variant each; real PyTorch ex
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -208,7 +209,8 @@ def norm_configs(draw):
     k = draw(st.integers(1, rank - 1)) if kind in ("ln", "rms") else None
     axes = None if k is None else (list(range(-k, 0)) if draw(st.booleans()) else list(range(rank - k, rank)))
     dtype = draw(st.sampled_from([T.FLOAT, T.FLOAT, T.FLOAT16]))
-    return dict(kind=kind, shape=tuple(shape), axes=axes, groups=groups, dtype=dtype, opset=23,
+    opset = draw(st.sampled_from({"ln": [17, 18, 23], "rms": [23], "in": [13, 18, 23], "gn": [18, 21, 23]}[kind]))
+    return dict(kind=kind, shape=tuple(shape), axes=axes, groups=groups, dtype=dtype, opset=opset,
                 eps=draw(st.sampled_from([None, 1e-12, 1e-5, 1e-3, 0.1])),
                 square=draw(st.sampled_from(["pow", "mul"])),
                 normalize=draw(st.sampled_from(["div", "recip", "div1", "rsqrt_pow"])),
@@ -219,13 +221,17 @@ def norm_configs(draw):
                 seed=draw(st.integers(0, 1000)))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("NORM_EXAMPLES", 80)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(norm_configs())
 def test_property_fused_equals_decomposed_and_formula(cfg):
     if cfg["kind"] == "in" and cfg["shape"][1] == 1:
         cfg["shape"] = (cfg["shape"][0], 2, *cfg["shape"][2:])
     model = build(**cfg)
     after, result = run_pass(model)
+    if cfg["kind"] == "in" and len(cfg["shape"]) == 3 and cfg["affine"] == "none" and cfg["opset"] < 17:
+        # [N, C, L] over L with no per-channel affine reads as a LayerNorm (see the rank-3 test)
+        assert result.rewrites == 0 and "--target-opset 17" in result.notes[0]
+        return
     assert result.rewrites == 1, (cfg, result.notes)
     assert not DECOMPOSED & set(count_ops(after)), count_ops(after)
     feeds = feeds_for(model, cfg["seed"])
