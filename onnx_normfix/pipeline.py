@@ -63,9 +63,11 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), va
     feeds -> outputs), progress (callable taking a message), plus each pass's own options
     (see `PASSES[name].options`). Raises NormfixError / ValidationError."""
     selected = resolve_passes(passes)
-    if options.get("target_opset") is not None and "raise_opset" in PASSES:
-        # the opset conversion fuse_norms asks for is a stage of its own, validated on its own
-        selected = resolve_passes([*selected, PASSES["raise_opset"]])
+    if options.get("target_opset") is not None:
+        # the opset conversion fuse_norms' target_opset asks for: a stage of its own, validated on its own
+        from onnx_normfix.passes.raise_opset import PASS as raise_opset
+
+        selected = resolve_passes([*selected, raise_opset])
     opts = _merge_options(selected, options)
     say: Callable[[str], None] = opts["progress"] or (lambda message: None)
 

@@ -2,7 +2,8 @@
 
     opset 13 model (ReduceMean axes attribute, ...)  =>  opset N model (axes input, ...)
 
-Runs before fuse_norms when `target_opset` is given (`--target-opset N`), as its own stage,
+Runs before fuse_norms when `target_opset` is given (`--target-opset N`), as its own stage
+(the pipeline adds it; it is not registered, so `target_opset` stays fuse_norms' option),
 so the validator proves the conversion apart from the fusions that need it: LayerNormalization
 needs 17, GroupNormalization 21, RMSNormalization 23. It never lowers an opset (a model already
 at or above N is left alone, with a note), and never runs unasked. The IR version is raised to
@@ -16,7 +17,7 @@ import onnx
 
 from onnx_normfix.errors import NormfixError
 from onnx_normfix.graph import opset_of
-from onnx_normfix.registry import Pass, PassContext, PassResult, register_pass
+from onnx_normfix.registry import Pass, PassContext, PassResult
 
 NAME = "raise_opset"
 def _ir_for(opset: int) -> int:
@@ -31,8 +32,13 @@ def _run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         return result
     current = opset_of(model)
     newest = onnx.defs.onnx_opset_version()
-    if not isinstance(target, int) or isinstance(target, bool) or target < 1 or target > newest:
-        raise NormfixError(f"--target-opset {target!r}: expected an opset from 1 to {newest} (this onnx's newest)")
+    try:  # an int from the library, a string from a flag built without a type
+        target = int(target) if not isinstance(target, (bool, float)) else None
+    except (TypeError, ValueError):
+        target = None if not isinstance(target, str) else target
+    if not isinstance(target, int) or target < 1 or target > newest:
+        raise NormfixError(f"--target-opset {ctx.options.get('target_opset')!r}: expected an opset from 1 to {newest} "
+                           "(this onnx's newest)")
     if current >= target:
         result.notes.append(f"opset {current} already >= target {target}: not converted (opsets are never lowered)")
         return result
@@ -51,13 +57,13 @@ def _run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
     return result
 
 
-PASS = register_pass(
-    Pass(
-        name=NAME,
-        summary="Raise the default-domain opset to --target-opset with onnx.version_converter (runs before fuse_norms).",
-        preserves_outputs=True,
-        run=_run,
-        order=14,
-        options={"target_opset": None},
-    )
+# Not registered: it is not a pass users name in --passes but the stage fuse_norms'
+# `target_opset` option brings with it (the pipeline adds it), so the option has one owner.
+PASS = Pass(
+    name=NAME,
+    summary="Raise the default-domain opset to --target-opset with onnx.version_converter (runs before fuse_norms).",
+    preserves_outputs=True,
+    run=_run,
+    order=14,
+    options={"target_opset": None},
 )

@@ -349,8 +349,13 @@ def test_raise_opset_never_lowers_and_rejects_bad_targets():
     assert result.rewrites == 0 and "never lowered" in result.notes[0]
     with pytest.raises(NormfixError, match="expected an opset"):
         run_pass(model, RAISE, target_opset=999)
+    with pytest.raises(NormfixError, match="expected an opset"):
+        run_pass(model, RAISE, target_opset="seventeen")
     after, result = run_pass(model, RAISE, target_opset=21)
     assert result.rewrites == 1 and onnx_normfix.graph.opset_of(after) == 21
+    after, result = run_pass(model, RAISE, target_opset="21")  # as a flag without a type gives it
+    assert result.rewrites == 1 and onnx_normfix.graph.opset_of(after) == 21
+    assert "raise_opset" not in onnx_normfix.PASSES  # a stage, not a pass to name: one owner of the option
 
 
 def test_cli_target_opset(tmp_path, capsys):
