@@ -438,3 +438,14 @@ def test_match_parents():
     assert [n.op_type for n in chain] == ["Sqrt", "Add", "ReduceMean", "Pow"]
     assert match_parents(ix, div, [("Sqrt", 1), ("Mul", 0)]) is None
     assert match_parents(ix, div, [("Sqrt", 5)]) is None
+
+
+def test_cli_group_norm_form(tmp_path):
+    from onnx_normfix.cli import main
+
+    src, dst = tmp_path / "gn.onnx", tmp_path / "out.onnx"
+    onnx.save(build(kind="gn", shape=(2, 4, 3, 3), opset=21), src)
+    assert main([str(src), str(dst), "--passes", "fuse_norms", "--group-norm", "instance", "-q"]) == 0
+    assert count_ops(onnx.load(dst)) == {"Reshape": 2, "InstanceNormalization": 1, "Mul": 1, "Add": 1}
+    assert main([str(src), str(dst), "--passes", "fuse_norms", "-q"]) == 0
+    assert count_ops(onnx.load(dst)) == {"GroupNormalization": 1}
