@@ -24,7 +24,7 @@ import onnx
 from . import model_io, validate as V
 from .core_options import check_core_options
 from .errors import NormfixError, ValidationError
-from .registry import Pass, PassContext, PassResult, resolve_passes, split_options
+from .registry import Pass, PassContext, PassResult, order_passes, resolve_passes, split_options
 from .validation.checker import MISSING_SHAPE, CheckPolicy, run_checker, shapeless_io
 
 CORE_OPTIONS = {"seed": 0, "rtol": None, "atol": None, "input_shapes": None, "inputs": None,
@@ -83,6 +83,11 @@ def _optimize(model, passes, validate: bool, partial: dict, **options: Any) -> R
     selected = resolve_passes(passes)
     opts, pass_options = split_options(selected, options, CORE_OPTIONS)
     check_core_options(opts)
+    # stages a pass brings with it, given its options (fuse_norms' target_opset: raise_opset)
+    brought = [(q, q_opts) for p in selected if p.brings is not None for q, q_opts in p.brings(pass_options[p.name])]
+    if brought:
+        selected = order_passes([*selected, *(q for q, _ in brought)])
+        pass_options.update({q.name: q_opts for q, q_opts in brought})
     say: Callable[[str], None] = opts["progress"] or (lambda message: None)
 
     t0 = time.perf_counter()

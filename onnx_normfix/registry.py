@@ -167,6 +167,9 @@ class Pass:
     graph: str = "onnx"
     # core options (e.g. inputs, reference) the pass reads besides its own
     reads: frozenset = frozenset()
+    # stages this pass brings with it, given its options: [(Pass, its options), ...]
+    # (fuse_norms' target_opset brings the raise_opset conversion, validated as its own stage)
+    brings: Callable[[dict], list] | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__

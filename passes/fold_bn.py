@@ -57,6 +57,8 @@ import onnx
 from onnx_normfix.graph import GraphIndex, attr, opset_of, set_attr, stamp
 from onnx_normfix.registry import Pass, PassContext, PassResult, register_pass
 
+from ._affine_fold import merge_affine_folds
+
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -78,7 +80,7 @@ def _run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
     if result.rewrites:
         idx.commit()
     result.details = {"folded_into": dict(folded)}
-    return result
+    return merge_affine_folds(model, result)  # per-channel Mul/Add after Conv/Gemm/MatMul (tf2onnx)
 
 
 def _fold(idx: GraphIndex, bn: onnx.NodeProto, opset: int) -> str | tuple[str, onnx.NodeProto]:

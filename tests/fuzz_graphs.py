@@ -14,6 +14,8 @@ A case is a chain of random blocks on x[N, C, H, W] (then optionally a dense tai
     const_params   Conv -> BN whose params come from Constant nodes / ConstantOfShape  folds
     instnorm       Relu -> InstanceNormalization (no stats: fix_inorm leaves it)  no rewrite
     tiled_inorm    Relu -> Reshape[1,N*C,H,W] -> BN(N*C tiled) -> Reshape[N,C,H,W]  fix_inorm collapses
+    norm           decomposed InstanceNorm over H,W (LayerNorm over W at opset >= 17) + affine  fuse_norms fuses
+    norm_shared    the same with the centered tensor also read by a graph output              must decline
     noise          Add(RandomNormalLike(t) * 0.1)                                replace_random
     dropout        Dropout(training_mode=True), seeded or not: a random op     replace_random / validator
     dense tail     Flatten -> MatMul(W) [-> Add(c)] -> BN | Gemm(transB, alpha, beta, C?) -> BN
@@ -62,6 +64,7 @@ class Case:
     strict: bool = True  # False: a value_info lies on purpose, so strict shape inference fails
     shapeless_outputs: bool = False
     dropout: str | None = None  # "seeded" / "unseeded" training-mode Dropout
+    fuses: int = 0  # decomposed norms fuse_norms must fuse
 
     @property
     def passes(self) -> list[str]:
@@ -70,6 +73,8 @@ class Case:
             names.append("fix_inorm")
         if self.random:
             names.append("replace_random")
+        if any(b.startswith("norm") for b in self.blocks):
+            names.append("fuse_norms")
         return names
 
 
@@ -273,10 +278,39 @@ def dense_tail(b: _Builder, x: str, c: int, hw: int, n: int):
     return y, out, 1, 0
 
 
+def norm(b: _Builder, x: str, c: int, shared: bool = False):
+    """decomposed InstanceNorm over H, W (or LayerNorm over W at opset >= 17) + affine; `shared`:
+    the centered tensor is also a graph output's input, so fuse_norms must decline"""
+    r = b.rng
+    kind = "ln" if b.opset >= 17 and r.random() < 0.5 else "in"
+    axes = [2, 3] if kind == "in" else [-1]
+
+    def mean(t):
+        if b.opset >= 18:
+            return b.node("ReduceMean", [t, b.const(np.array(axes, np.int64), "axes")], "mean")
+        return b.node("ReduceMean", [t], "mean", axes=axes)
+
+    d = b.node("Sub", [x, mean(x)], "d")
+    sq = b.node("Mul", [d, d], "sq") if r.random() < 0.5 else b.node("Pow", [d, b.const(np.array(2.0), "two")], "sq")
+    std = b.node("Sqrt", [b.node("Add", [mean(sq), b.const(np.array(1e-5), "eps")], "v")], "std")
+    y = b.node("Div", [d, std], "normed")
+    if shared:
+        b.outputs.append(b.node("Neg", [d], "leak"))
+    shape = (c, 1, 1) if kind == "in" else (1,)  # (1,): the width may have changed upstream
+    y = b.node("Mul", [y, b.const(r.uniform(0.5, 1.5, shape), "gamma")], "scaled")
+    y = b.node("Add", [y, b.const(r.standard_normal(shape) * 0.3, "beta")], "shifted")
+    b.fuses = getattr(b, "fuses", 0) + (0 if shared else 1)
+    return y, c, 0, 0
+
+
+def norm_shared(b: _Builder, x: str, c: int):
+    return norm(b, x, c, shared=True)
+
+
 BLOCKS = {"conv_bn": (conv_bn, 3), "convT_bn": (convT_bn, 1), "shared_conv": (shared_conv, 1),
           "multi_use": (multi_use, 1), "graph_output": (graph_output, 1), "bn_alone": (bn_alone, 1),
           "const_params": (const_params, 1), "instnorm": (instnorm, 1), "tiled_inorm": (tiled_inorm, 1),
-          "noise": (noise, 1), "dropout": (dropout, 0.5)}
+          "noise": (noise, 1), "dropout": (dropout, 0.5), "norm": (norm, 1), "norm_shared": (norm_shared, 1)}
 
 
 def make_case(seed: int) -> Case:
@@ -334,6 +368,7 @@ def make_case(seed: int) -> Case:
     if not case.shapeless_outputs:
         _declare_output_shapes(model)
     case.model = model
+    case.fuses = getattr(b, "fuses", 0)
     return case
 
 
@@ -433,6 +468,8 @@ def check_case(case: Case) -> str:
     assert rewrites["fold_bn"] == case.folds, f"fold_bn folded {rewrites['fold_bn']}, expected {case.folds}: {notes}"
     if "fix_inorm" in rewrites:
         assert rewrites["fix_inorm"] == case.collapses, f"fix_inorm {rewrites['fix_inorm']} != {case.collapses}: {notes}"
+    if "fuse_norms" in rewrites:
+        assert rewrites["fuse_norms"] == case.fuses, f"fuse_norms {rewrites['fuse_norms']} != {case.fuses}: {notes}"
     out = result.model
     onnx.checker.check_model(out, full_check=case.strict)  # output shapes declared (filled if they were not)
     assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]
