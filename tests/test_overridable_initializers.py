@@ -137,7 +137,7 @@ def test_sweep_keeps_overridable_and_real_inputs_but_drops_dead_constants():
     model = _small(8)
     ix = GraphIndex(model)
     assert ix.overridable == {"d"} and ix.constant("d") is None
-    ix.commit(sweep=True)  # nothing edited: commit() alone no longer sweeps
+    ix.commit(sweep=True)  # nothing was edited: ask for the sweep
     assert [i.name for i in model.graph.input] == ["x", "u", "d"]
     assert {t.name for t in model.graph.initializer} == {"d"}
 
