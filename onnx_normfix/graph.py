@@ -403,21 +403,26 @@ class GraphIndex:
         self._removed.add(id(node))
 
     # ---- matching ------------------------------------------------------------------------
-    def parent(self, node: onnx.NodeProto, index: int, op_type: str | None = None) -> onnx.NodeProto | None:
-        """The node producing `node.input[index]` (of `op_type`, if given), else None."""
+    def parent(self, node: onnx.NodeProto, index: int, op_type=None) -> onnx.NodeProto | None:
+        """The node producing `node.input[index]` (of `op_type`, if given: one op type, or a
+        tuple/set of them), else None."""
         if index >= len(node.input) or not node.input[index]:
             return None
         p = self.producer.get(node.input[index])
-        if p is None or p.domain not in _ONNX_DOMAINS or (op_type is not None and p.op_type != op_type):
+        if p is None or p.domain not in _ONNX_DOMAINS:
+            return None
+        if op_type is not None and p.op_type != op_type and (isinstance(op_type, str) or p.op_type not in op_type):
             return None
         return p
 
     def match_parents(self, node: onnx.NodeProto, path) -> list[onnx.NodeProto] | None:
         """Follow a chain upward: `path` is [(op_type, input_index), ...]; step k requires that
         input `input_index` of the previous node (`node` first) is produced by an `op_type`
-        node. `input_index` None tries every input. Returns the matched nodes, or None.
+        node (`op_type` may be a tuple/set of op types: any of them). `input_index` None tries
+        every input. Returns the matched nodes, or None.
 
             ix.match_parents(div, [("Sqrt", 1), ("Add", 0), ("ReduceMean", None)])
+            ix.match_parents(sub, [(("Reshape", "Identity"), 1), ("ReduceMean", 0)])
         """
         chain, current = [], node
         for op_type, index in path:

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from onnx_normfix.graph import GraphIndex, attr, set_attr, stamp
-from onnx_normfix.registry import PassResult
+from onnx_normfix.registry import Declined, PassResult
 
 ONNX_DOMAINS = ("", "ai.onnx")
 PRODUCERS = ("Conv", "Gemm", "MatMul")
@@ -48,8 +48,8 @@ def fold_affine(model: onnx.ModelProto) -> PassResult:
         outcome = _fold(idx, node, claimed)
         if outcome is None:
             continue
-        if isinstance(outcome, str):
-            result.notes.append(f"skipped affine after {node.name or node.output[0]}: {outcome}")
+        if isinstance(outcome, Declined):
+            result.decline(outcome, f"affine after {node.name or node.output[0]}")
             continue
         result.rewrites += 1
         folded[node.op_type] = folded.get(node.op_type, 0) + 1
@@ -89,8 +89,8 @@ def _affine_follows(idx: GraphIndex, producer: onnx.NodeProto) -> bool:
     return True
 
 
-def _fold(idx: GraphIndex, producer: onnx.NodeProto, claimed: set) -> list[str] | str | None:
-    """[the folded output] on success, why not (a string), or None when there is no affine."""
+def _fold(idx: GraphIndex, producer: onnx.NodeProto, claimed: set) -> list[str] | Declined | None:
+    """[the folded output] on success, why not (`Declined`), or None when there is no affine."""
     if not _affine_follows(idx, producer):
         return None  # checked before reading the weight: a big one may live in external data
     w = idx.constant(producer.input[1]) if len(producer.input) > 1 else None
@@ -130,21 +130,21 @@ def _fold(idx: GraphIndex, producer: onnx.NodeProto, claimed: set) -> list[str] 
     if kind == "MatMul":
         rank_out = idx.rank(out)
         if rank_out != 2:
-            return f"MatMul output rank is {'unknown' if rank_out is None else rank_out}, not 2 (Gemm needs rank 2)"
+            return Declined(f"MatMul output rank is {'unknown' if rank_out is None else rank_out}, not 2 (Gemm needs rank 2)")
     s = np.ones(channels) if s is None else s
     t = np.zeros(channels) if t is None else t
     dtype = w.dtype
     if kind == "Conv":
         b = idx.constant(producer.input[2]) if len(producer.input) > 2 and producer.input[2] else None
         if len(producer.input) > 2 and producer.input[2] and b is None:
-            return "Conv bias is not a constant"
+            return Declined("Conv bias is not a constant")
         new_w = w.astype(np.float64) * s.reshape((-1,) + (1,) * (w.ndim - 1))
         new_b = (np.zeros(channels) if b is None else b.astype(np.float64)) * s + t
     elif kind == "Gemm":
         c = idx.constant(producer.input[2]) if len(producer.input) > 2 and producer.input[2] else None
         if len(producer.input) > 2 and producer.input[2] and (
                 c is None or c.size not in (1, channels) or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2):
-            return "Gemm C is not a constant per-column vector"
+            return Declined("Gemm C is not a constant per-column vector")
         beta = attr(producer, "beta", 1.0)
         new_w = w.astype(np.float64) * (s[:, None] if trans_b else s[None, :])
         c = np.zeros(channels) if c is None else beta * np.broadcast_to(c.reshape(-1).astype(np.float64), (channels,))

@@ -1,9 +1,8 @@
 """Matching for fuse_norms: the normalization chains exporters write, read off a GraphIndex.
 
 Everything here only looks at the graph; `passes/fuse_norms.py` decides and rewrites.
-`match_parents(index, node, [(op, input_index), ...])` is the small path matcher the rest is
-written around ("input k of this node comes from op A, whose input j comes from op B, ..."),
-kept local so it ports to GraphIndex's own primitive when that lands.
+`GraphIndex.match_parents(node, [(op or (ops), input_index), ...])` is the path matcher the
+rest is written around ("input k of this node comes from op A, whose input j comes from op B, ...").
 
 `match_moments` starts at the ReduceMean of the squares and walks both ways:
 
@@ -31,25 +30,6 @@ _EXACT_UPCASTS = {(T.FLOAT16, T.FLOAT), (T.FLOAT16, T.DOUBLE), (T.BFLOAT16, T.FL
                   (T.BFLOAT16, T.DOUBLE), (T.FLOAT, T.DOUBLE)}
 ONNX_DOMAINS = ("", "ai.onnx")
 MEAN_OPS = ("ReduceMean", "GlobalAveragePool")
-
-
-def match_parents(index: GraphIndex, node: onnx.NodeProto, path) -> list[onnx.NodeProto] | None:
-    """The chain of producers along `path` ([(op_type or (op_types), input_index), ...]) above
-    `node`, or None.
-
-    match_parents(ix, div, [("Sqrt", 1), ("Add", 0)]) is [sqrt, add] when div.input[1] comes
-    from a Sqrt whose input[0] comes from an Add."""
-    found, current = [], node
-    for op, slot in path:
-        if len(current.input) <= slot:
-            return None
-        parent = index.producer.get(current.input[slot])
-        ops = (op,) if isinstance(op, str) else op
-        if parent is None or parent.op_type not in ops or parent.domain not in ONNX_DOMAINS:
-            return None
-        found.append(parent)
-        current = parent
-    return found
 
 
 class Graph:
@@ -200,9 +180,9 @@ def match_moments(g: Graph, rv: onnx.NodeProto) -> Moments | str | None:
     sub = g.op(base_root, "Sub")
     rm, relay = None, None
     if sub is not None and len(sub.input) == 2:
-        direct = match_parents(g.ix, sub, [(MEAN_OPS, 1)])
+        direct = g.ix.match_parents(sub, [(MEAN_OPS, 1)])
         # tf2onnx: the mean through a Reshape that only relabels its (static) shape
-        relayed = match_parents(g.ix, sub, [(("Reshape", "Identity"), 1), (MEAN_OPS, 0)])
+        relayed = g.ix.match_parents(sub, [(("Reshape", "Identity"), 1), (MEAN_OPS, 0)])
         if direct:
             rm = direct[0]
         elif relayed and g.shape(relayed[0].output[0]) == g.shape(relayed[1].output[0]) and _static(g.shape(sub.input[1])):
@@ -336,7 +316,7 @@ def _keras_tail(g: Graph, rstd: str, x: str, mean: str) -> "Affine | None":
     if mx is None or mm is None:
         return None
     term = g.other_input(mm, k)
-    neg = (match_parents(g.ix, mm, [("Neg", list(mm.input).index(term))]) or [None])[0] if term else None
+    neg = (g.ix.match_parents(mm, [("Neg", list(mm.input).index(term))]) or [None])[0] if term else None
     negated = neg is not None and neg.input[0] == mean
     if not negated and term != mean:
         return None
@@ -530,8 +510,8 @@ def _group_target(g: Graph, rs: onnx.NodeProto, x: str, groups: int) -> bool:
     tail = [g.ix.constant(i) for i in concat.input[1:]]
     if any(v is None or v.size != 1 for v in tail) or [int(v.reshape(-1)[0]) for v in tail] != [groups, -1]:
         return False
-    chain = (match_parents(g.ix, concat, [("Unsqueeze", 0), (("Gather", "Slice"), 0), ("Shape", 0)])
-             or match_parents(g.ix, concat, [(("Gather", "Slice"), 0), ("Shape", 0)]))
+    chain = (g.ix.match_parents(concat, [("Unsqueeze", 0), (("Gather", "Slice"), 0), ("Shape", 0)])
+             or g.ix.match_parents(concat, [(("Gather", "Slice"), 0), ("Shape", 0)]))
     if not chain or chain[-1].input[0] != x or chain[-1].attribute:
         return False
     gather = chain[-2]

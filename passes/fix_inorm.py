@@ -9,7 +9,7 @@ In eval mode such a norm is a per-channel affine map, i.e. a BatchNormalization 
 
    Same epsilon; mean/var come from `stats` (a checkpoint, read by `prepare`) matched to each
    node by initializer name, scope, weight values or, for affine=False, order (see
-   onnx_normfix/inorm_match.py), or are estimated from `calibration_data`. This CHANGES the
+   onnx_normfix/stats_match.py), or are estimated from `calibration_data`. This CHANGES the
    outputs on purpose (they now match PyTorch eval). Declines, with an error listing the nodes
    and nothing rewritten, when a node has no stats, ambiguous ones or the wrong channel count
    (`allow_partial` fixes the others and notes the rest).
@@ -38,8 +38,10 @@ import onnx
 
 from onnx_normfix.errors import NormfixError
 from onnx_normfix.graph import GraphIndex, without_weights, opset_of, set_attr, stamp
-from onnx_normfix.inorm_match import HOW_TO_DISAMBIGUATE, find_tiled_norm, match_modules, norm_nodes, scope_paths
-from onnx_normfix.registry import Option, Pass, PassContext, PassResult, register_pass
+from onnx_normfix.registry import Declined, Option, Pass, PassContext, PassResult, register_pass
+from onnx_normfix.stats_match import HOW_TO_DISAMBIGUATE, match_modules, norm_nodes, scope_paths
+
+from ._fix_inorm_patterns import TiledNorm, find_tiled_norm
 
 NAME = "fix_inorm"
 BATCH_DIM = "batch"
@@ -169,29 +171,19 @@ def _run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
     patterns = []
     for bn in [n for n in model.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
         found = find_tiled_norm(ix, bn)
-        if isinstance(found, str):
-            result.notes.append(f"skipped {bn.name or 'BatchNormalization'}: {found}")
+        if isinstance(found, Declined):
+            result.decline(found, bn.name or "BatchNormalization")
         elif found is not None:
             patterns.append(found)
 
-    # all decisions made: now rewrite (in place, so node order stays topological)
+    # all decisions made: now rewrite (queued; one commit, which sweeps only if something changed)
     for n, stem, mean, var in old_style:
         _to_batchnorm(ix, n.node, stem, mean, var)
     for site in patterns:
-        base = next(iter(scope_paths(site.bn)), site.bn.name or "instance_norm")
-        names = [src or ix.add_initializer(value.astype(_dtype(ix, site.bn.input[1 + k])), f"{base}.{role}")
-                 for k, (role, value, src) in enumerate(zip(("weight", "bias", "running_mean", "running_var"),
-                                                            site.params, site.sources))]
-        site.bn.input[:] = [site.x, *names]
-        site.bn.output[:] = [site.out]
-        for a in [a for a in site.bn.attribute if a.name not in ("epsilon", "momentum")]:
-            site.bn.attribute.remove(a)
-        stamp(site.bn, NAME)
-        if site.tail is not None:
-            ix.remove(site.tail)
+        _collapse(ix, site)
         result.details["patterns"].append({"node": site.bn.name, "exporter": site.exporter,
                                            "channels": site.channels, "batch": site.batch})
-    ix.commit(sweep=bool(old_style or patterns))  # nothing rewritten: leave the graph as it came
+    ix.commit()  # nothing rewritten: the graph stays as it came
     result.rewrites = len(old_style) + len(patterns)
     result.changes_outputs = bool(old_style)
     if patterns:
@@ -288,18 +280,41 @@ def _dtype(ix: GraphIndex, name: str):
 
 
 def _to_batchnorm(ix: GraphIndex, node: onnx.NodeProto, stem: str | None, mean, var) -> None:
-    """Rewrite in place: same position, inputs and output; mean/var named after the module."""
+    """A BatchNormalization takes the InstanceNormalization's place: same inputs and output,
+    same epsilon and scope metadata; mean/var named after the module."""
     dtype = _dtype(ix, node.input[1])
     base = node.name.replace("InstanceNormalization", "BatchNormalization") if node.name else "BatchNormalization"
     stem = stem or base
     mean_name = ix.add_initializer(np.asarray(mean).reshape(-1).astype(dtype), f"{stem}.running_mean")
     var_name = ix.add_initializer(np.asarray(var).reshape(-1).astype(dtype), f"{stem}.running_var")
-    node.op_type = "BatchNormalization"
-    node.input.extend([mean_name, var_name])
-    node.name = ix.unique_name(base)
+    bn = _like(node, "BatchNormalization", [*node.input, mean_name, var_name], node.output, ix.unique_name(base),
+               keep=lambda a: True)
     if opset_of(ix.model) < 7:
-        set_attr(node, "is_test", 1)  # BN-6 and older default to training mode
-    stamp(node, NAME)
+        set_attr(bn, "is_test", 1)  # BN-6 and older default to training mode
+    ix.replace(node, [bn])
+
+
+def _collapse(ix: GraphIndex, site: TiledNorm) -> None:
+    """One BatchNormalization over C replaces Reshape -> BN(N*C) -> Reshape; parameters
+    reuse the tensors the chains tiled where there is one (names like "norm.weight")."""
+    base = next(iter(scope_paths(site.bn)), site.bn.name or "instance_norm")
+    names = [src or ix.add_initializer(value.astype(_dtype(ix, site.bn.input[1 + k])), f"{base}.{role}")
+             for k, (role, value, src) in enumerate(zip(("weight", "bias", "running_mean", "running_var"),
+                                                        site.params, site.sources))]
+    bn = _like(site.bn, "BatchNormalization", [site.x, *names], [site.out], site.bn.name,
+               keep=lambda a: a.name in ("epsilon", "momentum"))
+    ix.replace(site.bn, [bn])
+    if site.tail is not None:
+        ix.remove(site.tail)  # the Reshape before dies in the sweep unless something else reads it
+
+
+def _like(node: onnx.NodeProto, op_type: str, inputs, outputs, name: str, keep) -> onnx.NodeProto:
+    """A new `op_type` node with `node`'s domain, the attributes `keep` accepts and its
+    metadata (dynamo's scope), stamped as fix_inorm's."""
+    new = onnx.helper.make_node(op_type, list(inputs), list(outputs), name=name, domain=node.domain)
+    new.attribute.extend(a for a in node.attribute if keep(a))
+    new.metadata_props.extend(node.metadata_props)
+    return stamp(new, NAME)
 
 
 def _make_batch_dynamic(model: onnx.ModelProto) -> str:

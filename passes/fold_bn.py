@@ -55,7 +55,7 @@ import numpy as np
 import onnx
 
 from onnx_normfix.graph import GraphIndex, attr, opset_of, set_attr, stamp
-from onnx_normfix.registry import Pass, PassContext, PassResult, register_pass
+from onnx_normfix.registry import Declined, Pass, PassContext, PassResult, register_pass
 
 from ._affine_fold import merge_affine_folds
 
@@ -70,8 +70,8 @@ def _run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
             continue
         with np.errstate(all="ignore"):  # a site's bad numbers are its note, never a warning
             outcome = _fold(idx, bn, opset)
-        if isinstance(outcome, str):
-            result.notes.append(f"skipped {bn.name or bn.output[0]}: {outcome}")
+        if isinstance(outcome, Declined):
+            result.decline(outcome, bn.name or bn.output[0])
             continue
         kind, producer = outcome
         result.rewrites += 1
@@ -83,41 +83,44 @@ def _run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
     return merge_affine_folds(model, result)  # per-channel Mul/Add after Conv/Gemm/MatMul (tf2onnx)
 
 
-def _fold(idx: GraphIndex, bn: onnx.NodeProto, opset: int) -> str | tuple[str, onnx.NodeProto]:
+def _fold(idx: GraphIndex, bn: onnx.NodeProto, opset: int) -> Declined | tuple[str, onnx.NodeProto]:
     """Fold `bn` if every guard passes: returns (the producer's op_type, the producer) or why not."""
     if opset < 7:
-        return f"opset {opset} < 7 is not supported"
+        return Declined(f"opset {opset} < 7 is not supported")
     if opset < 9 and attr(bn, "spatial", 1) == 0:
-        return "spatial=0 (per-element statistics)"
+        return Declined("spatial=0 (per-element statistics)")
     if attr(bn, "training_mode", 0):
-        return "training_mode=1"
+        return Declined("training_mode=1")
     if opset < 14 and len(bn.output) > 1:
-        return f"declares {len(bn.output)} outputs (the training form of BN-{9 if opset >= 9 else 7})"
+        return Declined(f"declares {len(bn.output)} outputs (the training form of BN-{9 if opset >= 9 else 7})")
     if sum(1 for o in bn.output if o) > 1:
-        return f"{sum(1 for o in bn.output if o)} outputs (training statistics are used)"
+        return Declined(f"{sum(1 for o in bn.output if o)} outputs (training statistics are used)")
+    # guards: what the BN reads, and who else reads it
     x = bn.input[0]
     producer, add = idx.producer.get(x), None
     if producer is None:
-        return "input is a graph input, not a node output"
+        return Declined("input is a graph input, not a node output")
     if producer.op_type == "Add" and producer.domain in ONNX_DOMAINS:
         add, producer = producer, _matmul_under(idx, producer)
         if producer is None:
-            return "input comes from an Add that is not MatMul + constant"
+            return Declined("input comes from an Add that is not MatMul + constant")
     if producer.op_type not in FOLDABLE or producer.domain not in ONNX_DOMAINS:
-        return f"input comes from {producer.op_type}, not {'/'.join(FOLDABLE)}"
+        return Declined(f"input comes from {producer.op_type}, not {'/'.join(FOLDABLE)}")
     for node, name, user in ((add or producer, x, bn), (producer, producer.output[0], add)):
         if user is not None and idx.only_consumer(name) is not user:
             if name in idx.graph_outputs:
-                return f"{node.op_type} output is a graph output"
-            return f"{node.op_type} output has {len(idx.consumers[name])} consumers"
+                return Declined(f"{node.op_type} output is a graph output")
+            return Declined(f"{node.op_type} output has {len(idx.consumers[name])} consumers")
     params = [idx.constant(n) if n else None for n in bn.input[1:5]]
     if len(params) < 4 or any(p is None for p in params):
         missing = next((n for n, p in zip(bn.input[1:5], params) if p is None), "")
-        return idx.not_constant(missing, "scale, B, mean or var") if len(params) == 4 else "scale, B, mean or var is missing"
+        return Declined(idx.not_constant(missing, "scale, B, mean or var") if len(params) == 4
+                        else "scale, B, mean or var is missing")
     if any(np.ndim(p) != 1 for p in params):
-        return "scale, B, mean and var must be 1-D"
+        return Declined("scale, B, mean and var must be 1-D")
     if len({p.size for p in params}) != 1:
-        return "scale, B, mean and var differ in length"
+        return Declined("scale, B, mean and var differ in length")
+    # math: s and t in float64, safe in the model's precision
     scale, bias, mean, var = (np.asarray(p, dtype=np.float64).reshape(-1) for p in params)
     epsilon = attr(bn, "epsilon", float(np.float32(1e-5)))  # a float attribute: float32
     denominator = var + epsilon
@@ -125,15 +128,16 @@ def _fold(idx: GraphIndex, bn: onnx.NodeProto, opset: int) -> str | tuple[str, o
     low = np.minimum(denominator, var.astype(np.float32) + np.float32(epsilon))
     if not np.all(low > 0):  # NaN too
         k = int(np.argmin(np.where(np.isnan(low), -np.inf, low)))
-        return f"var + epsilon is {low[k]:g} at channel {k} (the BN divides by its square root)"
+        return Declined(f"var + epsilon is {low[k]:g} at channel {k} (the BN divides by its square root)")
     s = scale / np.sqrt(denominator)
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(bias - mean * s))):
-        return "the folded scale or shift is not finite (scale, B or mean holds inf or NaN)"
+        return Declined("the folded scale or shift is not finite (scale, B or mean holds inf or NaN)")
+    # the producer's own guards and weights, then the rewiring: it takes the BN's output name
     kind = producer.op_type
     fold = {"Conv": _fold_conv, "ConvTranspose": _fold_conv, "Gemm": _fold_gemm}.get(kind, _fold_matmul)
-    why = fold(idx, producer, add, s, bias - mean * s)
-    if why:
-        return why
+    declined = fold(idx, producer, add, s, bias - mean * s)
+    if declined is not None:
+        return declined
     producer.output[0] = bn.output[0]
     stamp(producer, "fold_bn")
     idx.remove(bn)
@@ -142,74 +146,74 @@ def _fold(idx: GraphIndex, bn: onnx.NodeProto, opset: int) -> str | tuple[str, o
     return kind, producer
 
 
-def _fold_conv(idx, node, _add, s, t) -> str | None:
+def _fold_conv(idx, node, _add, s, t) -> Declined | None:
     w, b = idx.constant(node.input[1]), _optional(idx, node, 2)
     if w is None or b is False:
-        return idx.not_constant(node.input[1 if w is None else 2], f"{node.op_type} {'weight' if w is None else 'bias'}")
+        return Declined(idx.not_constant(node.input[1 if w is None else 2], f"{node.op_type} {'weight' if w is None else 'bias'}"))
     if w.ndim < 3:
-        return f"{node.op_type} weight has rank {w.ndim}"
+        return Declined(f"{node.op_type} weight has rank {w.ndim}")
     group, k = int(attr(node, "group", 1)), (1,) * (w.ndim - 2)
     if node.op_type == "Conv":
         channels, grouped, factor_shape = w.shape[0], w, (-1, 1, *k)
     else:  # [Cin, Cout/group, k...] seen as [group, Cin/group, Cout/group, k...]
         if group < 1 or w.shape[0] % group:
-            return f"ConvTranspose weight dim 0 ({w.shape[0]}) is not a multiple of group={group}"
+            return Declined(f"ConvTranspose weight dim 0 ({w.shape[0]}) is not a multiple of group={group}")
         channels, factor_shape = w.shape[1] * group, (group, 1, w.shape[1], *k)
         grouped = w.reshape(group, w.shape[0] // group, *w.shape[1:])
     if s.size != channels or (b is not None and b.size != channels):
-        return f"BN or bias length does not match the {channels} output channels of {node.op_type}"
+        return Declined(f"BN or bias length does not match the {channels} output channels of {node.op_type}")
     new_b = (0.0 if b is None else np.asarray(b, np.float64).reshape(-1)) * s + t
-    why = _lossy(grouped, s.reshape(factor_shape), new_b)
-    if why:
-        return why
+    declined = _lossy(grouped, s.reshape(factor_shape), new_b)
+    if declined is not None:
+        return declined
     _write(idx, node, 1, _scaled(grouped, s.reshape(factor_shape)).reshape(w.shape), "_W")
     _write(idx, node, 2, new_b.astype(w.dtype), "_B")
     return None
 
 
-def _fold_gemm(idx, node, _add, s, t) -> str | None:
+def _fold_gemm(idx, node, _add, s, t) -> Declined | None:
     w, c = idx.constant(node.input[1]), _optional(idx, node, 2)
     if w is None or c is False:
-        return idx.not_constant(node.input[1 if w is None else 2], f"Gemm {'B' if w is None else 'C'}")
+        return Declined(idx.not_constant(node.input[1 if w is None else 2], f"Gemm {'B' if w is None else 'C'}"))
     trans_b, beta = attr(node, "transB", 0), attr(node, "beta", 1.0)
     if w.ndim != 2 or s.size != w.shape[0 if trans_b else 1]:
-        return f"BN length {s.size} does not match Gemm B of shape {list(w.shape)}"
+        return Declined(f"BN length {s.size} does not match Gemm B of shape {list(w.shape)}")
     if c is not None and not _broadcasts(c, s):
-        return f"Gemm C of shape {list(c.shape)} does not broadcast to the BN channels"
+        return Declined(f"Gemm C of shape {list(c.shape)} does not broadcast to the BN channels")
     new_c = t if c is None or beta == 0 else beta * np.asarray(c, np.float64) * s + t
-    why = _lossy(w, s[:, None] if trans_b else s, new_c)
-    if why:
-        return why
+    declined = _lossy(w, s[:, None] if trans_b else s, new_c)
+    if declined is not None:
+        return declined
     _write(idx, node, 1, _scaled(w, s[:, None] if trans_b else s), "_B")
     _write(idx, node, 2, new_c.astype(w.dtype), "_C")
     set_attr(node, "beta", 1.0)
     return None
 
 
-def _fold_matmul(idx, node, add, s, t) -> str | None:
+def _fold_matmul(idx, node, add, s, t) -> Declined | None:
     w = idx.constant(node.input[1])
     if w is None:
-        return idx.not_constant(node.input[1], "MatMul weight")
+        return Declined(idx.not_constant(node.input[1], "MatMul weight"))
     if w.ndim != 2:
-        return f"MatMul weight has rank {w.ndim}, not 2"
+        return Declined(f"MatMul weight has rank {w.ndim}, not 2")
     # Gemm needs X of rank 2 (a 1-D X gives a 1-D MatMul output; on [N, L, C] the BN axis is
     # L, not the output features): decided on inferred shapes, never on value_info claims
     x_shape = idx.static_shape(node.input[0])
     if x_shape is None or len(x_shape) != 2:
-        return f"MatMul input rank is {'unknown' if x_shape is None else len(x_shape)}, not 2"
+        return Declined(f"MatMul input rank is {'unknown' if x_shape is None else len(x_shape)}, not 2")
     c = None
     if add is not None:
         c = idx.constant(add.input[1] if add.input[0] == node.output[0] else add.input[0])
         # Gemm's C broadcasts to [M, N] one way only: a C that would grow the Add's output
         # ([1, N] + [3, N]) has no Gemm form
         if c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1 and x_shape[0] != c.shape[0]):
-            return f"Add bias of shape {list(c.shape)} broadcasts the MatMul output {x_shape[:1] + [w.shape[1]]} up"
+            return Declined(f"Add bias of shape {list(c.shape)} broadcasts the MatMul output {x_shape[:1] + [w.shape[1]]} up")
     if s.size != w.shape[1] or (c is not None and not _broadcasts(c, s)):
-        return f"BN length {s.size} does not match MatMul weight {list(w.shape)} or Add bias"
+        return Declined(f"BN length {s.size} does not match MatMul weight {list(w.shape)} or Add bias")
     new_c = t if c is None else np.asarray(c, np.float64) * s + t
-    why = _lossy(w, s, new_c)
-    if why:
-        return why
+    declined = _lossy(w, s, new_c)
+    if declined is not None:
+        return declined
     _write(idx, node, 1, _scaled(w, s), "_W")
     _write(idx, node, 2, new_c.astype(w.dtype), "_C")
     node.op_type = "Gemm"
@@ -217,7 +221,7 @@ def _fold_matmul(idx, node, add, s, t) -> str | None:
     return None
 
 
-def _lossy(w: np.ndarray, factor: np.ndarray, bias: np.ndarray) -> str | None:
+def _lossy(w: np.ndarray, factor: np.ndarray, bias: np.ndarray) -> Declined | None:
     """Why the folded weights `w * factor` and `bias` cannot be stored in w's dtype without
     a loss the unfolded model does not have, or None. Overflow (a finite exact value that
     rounds to inf) in any float type; in fp16/bf16 also underflow: an output channel whose
@@ -231,7 +235,7 @@ def _lossy(w: np.ndarray, factor: np.ndarray, bias: np.ndarray) -> str | None:
         exact = w.astype(np.float64) * factor
         big = max(float(np.max(np.abs(exact), initial=0.0)), float(np.max(np.abs(bias), initial=0.0)))
         if big > info[1]:
-            return f"the folded weights or bias reach {big:.3g}, past the largest {w.dtype} ({info[1]:.3g})"
+            return Declined(f"the folded weights or bias reach {big:.3g}, past the largest {w.dtype} ({info[1]:.3g})")
         if w.dtype.itemsize > 2:
             return None
         rounded = exact.astype(w.dtype).astype(np.float64)
@@ -242,8 +246,8 @@ def _lossy(w: np.ndarray, factor: np.ndarray, bias: np.ndarray) -> str | None:
         err = np.max(np.abs(rounded - exact), axis=reduce, keepdims=True)
         bad = (scale > 0) & (err > info[0] * scale)
     if np.any(bad):
-        return (f"folding loses precision in {w.dtype}: {int(np.sum(bad))} output channel(s) of folded weights "
-                f"would fall to subnormal values or zero (smallest normal {info[2]:.3g})")
+        return Declined(f"folding loses precision in {w.dtype}: {int(np.sum(bad))} output channel(s) of folded "
+                        f"weights would fall to subnormal values or zero (smallest normal {info[2]:.3g})")
     return None
 
 
@@ -278,10 +282,9 @@ def _optional(idx: GraphIndex, node: onnx.NodeProto, slot: int):
 def _matmul_under(idx: GraphIndex, add: onnx.NodeProto) -> onnx.NodeProto | None:
     """The MatMul feeding `add` when its other input is a constant (Linear exported as 2 ops)."""
     for mine, other in ((0, 1), (1, 0)) if len(add.input) == 2 else ():
-        node = idx.producer.get(add.input[mine])
-        if node is not None and node.op_type == "MatMul" and node.domain in ONNX_DOMAINS:
-            if idx.constant(add.input[other]) is not None:
-                return node
+        node = idx.parent(add, mine, "MatMul")
+        if node is not None and idx.constant(add.input[other]) is not None:
+            return node
     return None
 
 

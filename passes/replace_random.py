@@ -34,7 +34,7 @@ from onnx import TensorProto, helper
 from onnx_normfix.errors import NormfixError
 from onnx_normfix.graph import GraphIndex, attr, opset_of, stamp, subgraph_inputs
 from onnx_normfix.noise import draw_standard_noise, write_noise_entries
-from onnx_normfix.registry import InputBinding, Option, Pass, PassContext, PassResult, register_pass
+from onnx_normfix.registry import Declined, InputBinding, Option, Pass, PassContext, PassResult, register_pass
 
 NAME = "replace_random"
 HANDLED = ("RandomNormalLike", "RandomNormal", "RandomUniformLike", "RandomUniform", "Bernoulli")
@@ -70,25 +70,25 @@ def _merge_dims(dims: list | None, candidates, known_params: set[str]) -> list |
     return dims
 
 
-def _plan(gi: GraphIndex, node, mode: str, known_params: set[str]):
-    """Everything the rewrite needs, or a string saying why the op is skipped."""
+def _plan(gi: GraphIndex, node, mode: str, known_params: set[str]) -> dict | Declined:
+    """Everything the rewrite needs, or why the op is skipped."""
     op = node.op_type
     like = op in ("RandomNormalLike", "RandomUniformLike", "Bernoulli")
     in_type = gi.value_type(node.input[0]) if like else None
     in_elem = in_type.tensor_type.elem_type if in_type is not None else 0
     out_elem = attr(node, "dtype", None if like else TensorProto.FLOAT) or in_elem
     if not out_elem or (op == "Bernoulli" and not in_elem):
-        return "dtype unknown (no dtype attribute and the input's type is not inferred)"
+        return Declined("dtype unknown (no dtype attribute and the input's type is not inferred)")
     shape = _resolve_shape(gi, node, known_params)
     if shape is None:
-        return f"rank of {node.input[0]!r} unknown"
+        return Declined(f"rank of {node.input[0]!r} unknown")
     if mode == "constant" and not all(isinstance(d, int) for d in shape):
         raise NormfixError(
             f"random_mode='constant' needs a static shape, but {node.name or op} has shape "
             f"{['?' if d is None else d for d in shape]}; use random_mode='input' or fix the input shape"
         )
     if mode == "mean" and opset_of(gi.model) < 9:
-        return "random_mode='mean' needs ConstantOfShape (opset >= 9)"
+        return Declined("random_mode='mean' needs ConstantOfShape (opset >= 9)")
     p = dict(op=op, shape=shape, out_elem=out_elem, seed=attr(node, "seed"))
     if op == "Bernoulli":
         p.update(dist="uniform", elem=in_elem, a=0.0, b=1.0, p=node.input[0])
@@ -184,14 +184,14 @@ def run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
     for node in model.graph.node:
         where = node.name or node.output[0]
         if node.op_type in ("Multinomial",) and node.domain in ("", "ai.onnx"):
-            result.notes.append(f"skipped {where}: Multinomial is not handled")
+            result.decline("Multinomial is not handled", where)
         if _has_random_subgraph(node):
-            result.notes.append(f"skipped random ops inside the subgraphs of {where}: not handled")
+            result.decline("not handled", f"random ops inside the subgraphs of {where}")
         if node.op_type not in HANDLED or node.domain not in ("", "ai.onnx"):
             continue
         plan = _plan(gi, node, mode, known)
-        if isinstance(plan, str):
-            result.notes.append(f"skipped {where}: {plan}")
+        if isinstance(plan, Declined):
+            result.decline(plan, where)
         else:
             plans.append((node, plan))
     if not plans:
@@ -199,7 +199,7 @@ def run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
             result.notes.append("no random ops found")
         return result
 
-    replacements, entries = {}, []
+    entries = []
     for node, p in plans:
         noise = gi.unique_name("noise__" + (re.sub(r"[^0-9A-Za-z_]+", "_", node.name or node.output[0]).strip("_") or "random"))
         if None in p["shape"]:  # shape inference could not tell: name the dims so feeds can set them
@@ -207,17 +207,14 @@ def run(model: onnx.ModelProto, ctx: PassContext) -> PassResult:
             result.notes.append(f"{noise}: dims {[d for d in p['shape'] if isinstance(d, str) and d.startswith(noise)]} "
                                 "not inferred; pass their sizes to noise_feeds(shapes=...)")
         new, entry = _rewrite(gi, node, p, mode, seed, noise)
-        replacements[id(node)] = new
+        gi.replace(node, new)
         entries.append(entry)
         if mode == "input":
             needs = (node.output[0], p["p"]) if p["op"] == "Bernoulli" else (node.output[0],)
             result.input_bindings[entry["input"]] = InputBinding(needs=needs, make_feed=_make_feed(p, node.output[0]))
         target = entry["input"] or entry.get("initializer") or "its mean"
         result.notes.append(f"replaced {node.name or node.output[0]} ({p['op']}) by {target} {p['shape']} {entry['dtype']}")
-    nodes = [m for n in model.graph.node for m in replacements.get(id(n), [n])]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    gi.commit(sweep=True)  # the node list was rebuilt above
+    gi.commit()
     write_noise_entries(model, entries)
     result.rewrites = len(plans)
     result.changes_outputs = True if mode != "input" else None

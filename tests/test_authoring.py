@@ -119,6 +119,11 @@ def test_match_parents_follows_a_chain_by_input_index():
     assert [n.op_type for n in chain] == ["Sqrt", "Mul", "Sub", "ReduceMean"]
     assert ix.match_parents(div, [("Sqrt", 0)]) is None  # input 0 is the Sub
     assert ix.match_parents(div, [("Sub", 0), ("ReduceMean", 0)]) is None  # the Sub's input 0 is x
+    # a step may accept several op types (exporters vary: Pow or Mul, Reshape or Identity)
+    chain = ix.match_parents(div, [(("Sqrt", "Reciprocal"), 1), ({"Pow", "Mul"}, 0), (("Sub",), 0)])
+    assert [n.op_type for n in chain] == ["Sqrt", "Mul", "Sub"]
+    assert ix.match_parents(div, [(("Pow", "Reciprocal"), 1)]) is None
+    assert ix.parent(div, 1, ("Sqrt", "Pow")) is m.graph.node[3] and ix.parent(div, 1, ("Pow",)) is None
 
 
 def test_replace_and_insert_are_applied_in_topological_order():

@@ -426,6 +426,23 @@ def test_reshape_bn_reshape_fires_only_on_identical_copies(case, kwargs, why):
         assert result.notes == [f"skipped /norm/BatchNormalization: {why}"]
 
 
+def test_find_tiled_norm_returns_the_site_a_declined_or_none():
+    from onnx_normfix.graph import GraphIndex
+    from onnx_normfix.passes._fix_inorm_patterns import TiledNorm, find_tiled_norm
+    from onnx_normfix.registry import Declined
+
+    def found(model):
+        ix = GraphIndex(model)
+        return find_tiled_norm(ix, next(n for n in model.graph.node if n.op_type == "BatchNormalization"))
+
+    site = found(_tiled_pattern(scale_rows=(1, 1)))
+    assert isinstance(site, TiledNorm) and (site.x, site.out, site.channels, site.batch) == ("x", "y", 3, 2)
+    declined = found(_tiled_pattern(scale_rows=(1, 1), training=True))
+    assert declined == Declined("BatchNormalization is in training mode")
+    assert str(declined.at("/norm/BatchNormalization")) == "skipped /norm/BatchNormalization: BatchNormalization is in training mode"
+    assert found(conv_bn_model()) is None  # a BN over C after a Conv: no candidate, nothing to say
+
+
 def test_plain_batchnorm_over_c_is_left_alone():
     model = conv_bn_model()
     original = model.SerializeToString()

@@ -429,15 +429,14 @@ def test_reshape_back_to_another_shape_is_no_groupnorm():
 
 def test_match_parents():
     from onnx_normfix.graph import GraphIndex
-    from onnx_normfix.passes._fuse_norms_patterns import match_parents
 
     model = build()
     ix = GraphIndex(model)
     div = next(n for n in model.graph.node if n.op_type == "Div")
-    chain = match_parents(ix, div, [("Sqrt", 1), ("Add", 0), ("ReduceMean", 0), (("Pow", "Mul"), 0)])
+    chain = ix.match_parents(div, [("Sqrt", 1), ("Add", 0), ("ReduceMean", 0), (("Pow", "Mul"), 0)])
     assert [n.op_type for n in chain] == ["Sqrt", "Add", "ReduceMean", "Pow"]
-    assert match_parents(ix, div, [("Sqrt", 1), ("Mul", 0)]) is None
-    assert match_parents(ix, div, [("Sqrt", 5)]) is None
+    assert ix.match_parents(div, [("Sqrt", 1), ("Mul", 0)]) is None
+    assert ix.match_parents(div, [("Sqrt", 5)]) is None
 
 
 def test_cli_group_norm_form(tmp_path):

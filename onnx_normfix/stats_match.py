@@ -1,8 +1,7 @@
-"""Matching for fix_inorm: which checkpoint module holds the stats of an old-style
-InstanceNormalization, and which Reshape/BatchNormalization/Reshape triples are an exported
-InstanceNorm with running stats.
+"""Which checkpoint module holds the running stats of an old-style InstanceNormalization
+(used by fix_inorm, beside `stats.py`, which reads the checkpoints).
 
-Old-style node -> module, first rule that gives exactly one module wins:
+Node -> module, first rule that gives exactly one module wins:
   name    the scale/B initializers are called "<module>.weight" / "<module>.bias"
   scope   the node's scope ("/main/main.6/main/main.1/InstanceNormalization", or dynamo's
           pkg.torch.onnx.name_scopes metadata) spells the module path
@@ -28,13 +27,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .graph import GraphIndex, attr
+from .graph import GraphIndex
+from .registry import Declined
 
 _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
-_PARAM_ROLES = ("scale", "bias", "running_mean", "running_var")
 
 
-# ---- old style: node -> module -------------------------------------------------------------
 @dataclass
 class NormNode:
     node: onnx.NodeProto
@@ -110,8 +108,8 @@ def match_modules(ix: GraphIndex, nodes: list[NormNode], modules: list, explicit
             continue
         for method, finder in (("name", _by_name), ("scope", _by_scope), ("values", _by_values)):
             found = finder(ix, n, modules)
-            if isinstance(found, str):
-                reasons[n.label] = found
+            if isinstance(found, Declined):
+                reasons[n.label] = found.reason
                 break
             if len(found) == 1:
                 matched[n.label] = (found[0], method)
@@ -170,11 +168,11 @@ def _source_name(ix: GraphIndex, name: str) -> str:
     return name
 
 
-def _checked(n: NormNode, candidates: list) -> list | str:
+def _checked(n: NormNode, candidates: list) -> list | Declined:
     fitting = [m for m in candidates if m.channels == n.channels]
     if candidates and not fitting:
         m = candidates[0]
-        return f"module {m.name} has {m.channels} channels of stats, the node has {n.channels}"
+        return Declined(f"module {m.name} has {m.channels} channels of stats, the node has {n.channels}")
     return fitting
 
 
@@ -185,7 +183,7 @@ def _dotted_match(path: str, modules: list) -> list:
     return [m for m in modules if "." in path and (m.name.endswith("." + path) or path.endswith("." + m.name))]
 
 
-def _by_name(ix, n: NormNode, modules) -> list | str:
+def _by_name(ix, n: NormNode, modules) -> list | Declined:
     prefixes = set()
     for inp, suffix in ((n.node.input[1], ".weight"), (n.node.input[2], ".bias")):
         src = _source_name(ix, inp)
@@ -217,7 +215,7 @@ def scope_paths(node: onnx.NodeProto) -> list[str]:
     return list(dict.fromkeys(p for p in paths if p))
 
 
-def _by_scope(ix, n: NormNode, modules) -> list | str:
+def _by_scope(ix, n: NormNode, modules) -> list | Declined:
     for path in scope_paths(n.node):
         found = [m for m in modules if m.name == path]
         if found:
@@ -225,7 +223,7 @@ def _by_scope(ix, n: NormNode, modules) -> list | str:
     return []
 
 
-def _by_values(ix, n: NormNode, modules) -> list | str:
+def _by_values(ix, n: NormNode, modules) -> list:
     if not n.has_weights or n.bias is None:
         return []
     dtype = n.scale.dtype
@@ -245,143 +243,3 @@ def _claimed_by_batchnorms(ix: GraphIndex, modules) -> set[int]:
                             and np.allclose(m.running_mean, mean, rtol=1e-3, atol=1e-6)}
     return claimed
 
-
-# ---- exporter patterns: Reshape -> BatchNormalization(N*C) -> Reshape ------------------------
-@dataclass
-class TiledNorm:
-    bn: onnx.NodeProto
-    tail: onnx.NodeProto | None  # the Reshape back (missing at N=1)
-    x: str  # the tensor the InstanceNorm normalizes, [N, C, *spatial]
-    out: str  # what the pattern produces
-    params: list  # four C-vectors: scale, B, mean, var
-    sources: list  # an existing constant tensor holding each vector, or None
-    channels: int
-    batch: int | None  # None: symbolic
-    exporter: str
-
-
-def find_tiled_norm(ix: GraphIndex, bn: onnx.NodeProto) -> TiledNorm | str | None:
-    """The pattern around `bn`, a reason it was declined, or None if it is not a candidate."""
-    head = ix.producer.get(bn.input[0])
-    if head is None or head.op_type != "Reshape" or len(bn.input) != 5:
-        return None
-    x = head.input[0]
-    rank = ix.rank(x)
-    target = _shape_entries(ix, head.input[1], x, rank)
-    if rank is None:
-        return "rank of the tensor before the Reshape is unknown (shape inference could not tell)"
-    if rank < 3 or target is None or len(target) != rank or target[0] != 1:
-        return None  # not a reshape into [1, N*C, *spatial]: some other Reshape -> BN
-    if attr(bn, "training_mode", 0) or attr(bn, "spatial", 1) != 1 or any(o for o in bn.output[1:]):
-        return "BatchNormalization is in training mode"
-    xdims = [_dim(ix, x, k) for k in range(rank)]
-    # spatial axes must pass through unchanged, so that only N and C are merged
-    for k in range(2, rank):
-        if target[k] not in (("x", k), -1) and not (target[k] == 0 and not attr(head, "allowzero", 0)) \
-                and not (xdims[k] is not None and target[k] == xdims[k]):
-            return f"the Reshape before it does not keep spatial axis {k}"
-    if sum(1 for t in target if t == -1) > 1 or (target[1] == -1 and -1 in target[2:]):
-        return "the Reshape before it leaves more than one axis to infer"
-
-    raw = [_tiled_param(ix, name, x) for name in bn.input[1:]]
-    channels = xdims[1] or next((v.size for v, n in raw if v is not None and n is None), None)
-    if channels is None:
-        return "channel count unknown (no static shape for the input)"
-    params, sources, batches, kinds = [], [], set(), set()
-    for role, name, (value, copies) in zip(_PARAM_ROLES, bn.input[1:], raw):
-        if value is None:
-            return ix.not_constant(name, role)
-        if copies is None:  # Tile(param, Shape(x)[0:1]): one copy per sample by construction
-            if value.size != channels:
-                return f"{role} has {value.size} values for {channels} channels"
-            vector = value.reshape(-1)
-            kinds.add("dynamic")
-        else:
-            if value.size % channels:
-                return f"{role} has {value.size} values, not a multiple of {channels} channels"
-            rows = value.reshape(-1, channels)
-            if not all(np.array_equal(r, rows[0]) for r in rows[1:]):
-                return f"{role} is not {rows.shape[0]} identical copies of a {channels}-channel vector"
-            vector = rows[0]
-            batches.add(rows.shape[0])
-            kinds.add("initializer" if name in ix.initializers else "chain")
-        params.append(vector)
-        sources.append(_reusable_source(ix, name, vector))
-    if len(batches) > 1 or (batches and xdims[0] is not None and batches != {xdims[0]}):
-        return f"parameters tiled {sorted(batches)} times for a batch of {xdims[0]}"
-    batch = batches.pop() if batches else xdims[0]
-    if target[1] not in (-1, None) and (batch is None or target[1] != batch * channels):
-        return "the Reshape before it does not merge batch and channels"
-
-    users = ix.consumers.get(bn.output[0], [])
-    tail = users[0] if len(users) == 1 and users[0].op_type == "Reshape" and users[0].input[0] == bn.output[0] else None
-    if tail is not None and bn.output[0] not in ix.graph_outputs:
-        why = _restores(ix, tail, x, xdims, channels, batch)
-        if why:
-            return why
-        out = tail.output[0]
-    elif batch == 1:
-        tail, out = None, bn.output[0]  # [1, C, ...] is already the input's shape
-    else:
-        return "no Reshape back to [N, C, ...] after it"
-    exporter = ("dynamo, symbolic batch" if "dynamic" in kinds else
-                "TorchScript" if "chain" in kinds else "dynamo, static batch")
-    return TiledNorm(bn, tail, x, out, params, sources, channels, batch, exporter)
-
-
-def _shape_entries(ix: GraphIndex, name: str, x: str, rank: int | None) -> list | None:
-    """A shape tensor as a list of ints and ("x", k) = "dim k of x", or None if unknown."""
-    value = ix.constant(name)
-    if value is not None:
-        return [int(v) for v in value.reshape(-1)]
-    node = ix.producer.get(name)
-    if node is None:
-        return None
-    if node.op_type == "Shape" and node.input[0] == x and rank is not None:
-        start, end = attr(node, "start", 0), attr(node, "end", rank)
-        start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else min(end, rank))
-        return [("x", k) for k in range(start, end)]
-    if node.op_type == "Concat":
-        parts = [_shape_entries(ix, i, x, rank) for i in node.input]
-        return None if any(p is None for p in parts) else [e for p in parts for e in p]
-    return None
-
-
-def _tiled_param(ix: GraphIndex, name: str, x: str):
-    """(value, 0 for a constant or None for "tiled once per sample at run time")."""
-    node = ix.producer.get(name)
-    if node is not None and node.op_type == "Tile" and _shape_entries(ix, node.input[1], x, ix.rank(x)) == [("x", 0)]:
-        return ix.constant(node.input[0]), None
-    return ix.constant(name), 0
-
-
-def _reusable_source(ix: GraphIndex, name: str, vector: np.ndarray) -> str | None:
-    """The initializer or Constant equal to `vector` that the chain tiles, if any (reusing it
-    keeps names like "norm.weight" and lets the whole chain die)."""
-    for _ in range(8):
-        node = ix.producer.get(name)
-        if name in ix.initializers or (node is not None and node.op_type == "Constant"):
-            value = ix.constant(name)
-            return name if value is not None and value.shape == vector.shape and np.array_equal(value, vector) else None
-        if node is None or node.op_type not in ("Tile", "Expand", "Identity") or not node.input:
-            return None
-        name = node.input[0]
-    return None
-
-
-def _restores(ix, tail, x, xdims, channels, batch) -> str | None:
-    """None if the Reshape after the BN gives back x's shape, else why not."""
-    rank = len(xdims)
-    entries = _shape_entries(ix, tail.input[1], x, rank)
-    if entries is None or len(entries) != rank:
-        return "cannot tell that the Reshape after it restores the input shape"
-    want = [batch, channels] + xdims[2:]
-    copies_zero = not attr(tail, "allowzero", 0)
-    for k, e in enumerate(entries):
-        ok = (e == ("x", k) or e == -1 or (e == 0 and copies_zero and (k >= 2 or batch == 1))
-              or (isinstance(e, int) and e > 0 and want[k] == e))
-        if not ok:
-            return f"the Reshape after it does not restore axis {k} of the input"
-    if sum(1 for e in entries if e == -1) > 1:
-        return "the Reshape after it leaves more than one axis to infer"
-    return None
