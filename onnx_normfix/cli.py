@@ -271,7 +271,8 @@ class _Run:
         self.html_ready = False  # likewise for --html
 
     def progress(self, message: str) -> None:
-        if not self.args.quiet:
+        # progress on a terminal (or with -v); a script reading stderr gets the error line alone
+        if not self.args.quiet and (self.args.verbose or _stderr_is_terminal()):
             print(f"[{time.perf_counter() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
@@ -310,13 +311,23 @@ def main(argv=None) -> int:
             print(f"onnx-normfix: error: {_one_line(exc)}", file=sys.stderr)
             code = exc.exit_code
         else:
-            print(f"onnx-normfix: internal error: {type(exc).__name__}: {_one_line(exc)}"
-                  " (a bug; rerun with --debug and report it)", file=sys.stderr)
+            stage = getattr(exc, "stage", None)  # set by the pipeline when a pass raised
+            where = f" in pass {stage}" if stage else ""
+            whose = "a bug in that pass" if stage else "a bug"
+            print(f"onnx-normfix: internal error{where}: {type(exc).__name__}: {_one_line(exc)}"
+                  f"{getattr(exc, 'hint', '')} ({whose}; rerun with --debug and report it)", file=sys.stderr)
             code = EXIT_INTERNAL
         error = exc
     if error is not None:
         _failure_report(run, code, error)
     return code
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _one_line(exc: BaseException) -> str:

@@ -90,7 +90,7 @@ def _add_option(group, p: Pass, o: Option) -> None:
         group.add_argument(o.cli_flag, dest=dest, action="store_const", const=not bool(o.default), default=None,
                            help=help_)
         return
-    kwargs = {"dest": dest, "default": None, "help": help_, "metavar": o.metavar}
+    kwargs = {"dest": dest, "default": None, "help": help_, "metavar": o.metavar or o.name.upper()}
     if o.repeatable:
         kwargs["action"] = "append"
     if o.choices:

@@ -153,7 +153,13 @@ def _optimize(model, passes, validate: bool, partial: dict, **options: Any) -> R
         if p.prepare is not None:
             pass_opts = p.prepare(work, pass_opts)
         nodes_before = len(work.graph.node)
-        result = p.apply(work, PassContext(options=pass_opts, log=say))
+        try:
+            result = p.apply(work, PassContext(options=pass_opts, log=say))
+        except NormfixError:
+            raise
+        except Exception as exc:  # a bug in the pass: the report and the message name it
+            _blame(exc, p.name)
+            raise
         if not isinstance(result, PassResult):
             raise NormfixError(f"pass {p.name} returned {type(result).__name__}, not a PassResult")
         entry = {"name": p.name, "rewrites": result.rewrites, "notes": list(result.notes),
@@ -211,6 +217,18 @@ def _initializer_inputs_to_constants(model: onnx.ModelProto) -> str:
     listing = ", ".join(moved[:10]) + (" ..." if len(moved) > 10 else "")
     return (f"initializer_inputs_as_constants: {len(moved)} overridable initializer(s) treated as constants and "
             f"removed from the graph inputs: {listing}")
+
+
+def _blame(exc: Exception, stage: str) -> None:
+    """Mark an exception raised inside a pass with the pass's name (and a hint where the cause
+    is known), for the CLI's message and the report's `error.stage`."""
+    try:
+        exc.stage = stage
+        if "external" in str(exc) and "absolute path" in str(exc):
+            exc.hint = ("; the pass read an external-data tensor with onnx's own reader, which refuses the absolute "
+                        "paths the pipeline keeps them under: read weights with onnx_normfix.graph.array_of(tensor)")
+    except AttributeError:  # exception types without a __dict__
+        pass
 
 
 def _check_input(data: bytes | None, staged: V.Staged | None = None) -> tuple[bool | CheckPolicy, str | None]:

@@ -167,7 +167,7 @@ def test_internal_error_is_one_line_and_debug_shows_traceback(conv_bn_file, tmp_
     try:
         assert cli.main([str(conv_bn_file), str(tmp_path / "o.onnx"), "--passes", "crash_cli"]) == 3
         err = capsys.readouterr().err
-        assert "internal error: ZeroDivisionError: boom" in err and "Traceback" not in err
+        assert "internal error in pass crash_cli: ZeroDivisionError: boom" in err and "a bug in that pass" in err and "Traceback" not in err
         assert cli.main([str(conv_bn_file), str(tmp_path / "o.onnx"), "--passes", "crash_cli", "--debug"]) == 3
         assert "Traceback" in capsys.readouterr().err
     finally:

@@ -453,6 +453,8 @@ def test_item9_report_is_written_on_every_run_with_one_schema(conv_bn_file, tmp_
         assert not out.exists()
     if case in ("validation", "internal", "interrupted"):  # the stages that ran are there
         assert rep["passes"][0]["name"] == "fold_bn" and rep["passes"][0]["rewrites"] == 1
+    if case == "internal":  # a pass that raised is named: the bug is that pass's
+        assert rep["error"]["stage"] == "crash_rep"
 
 
 def test_item9_feed_shapes_follow_input_shape(tmp_path):

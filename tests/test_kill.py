@@ -86,7 +86,9 @@ def sha(path: Path) -> str:
 
 def start(args, external=False) -> subprocess.Popen:
     head = [sys.executable, "-c", EXTERNAL_DRIVER] if external else [sys.executable, "-m", "onnx_normfix"]
-    return subprocess.Popen([*head, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # -v: progress lines on a non-terminal stderr too (the triggered kills wait for one)
+    args = [*map(str, args), *([] if "-q" in args else ["-v"])]
+    return subprocess.Popen([*head, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def run_to_end(args, external=False) -> float:
