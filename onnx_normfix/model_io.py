@@ -568,17 +568,31 @@ def _inline_bytes(model: onnx.ModelProto, out: Path) -> bytes:
     if _payload_bytes(model) >= PROTOBUF_LIMIT:
         raise NormfixError(f"cannot write {out} without external data: the model's tensors are over protobuf's "
                            "2 GB limit (drop --no-external-data)")
+    inline_external(model)
+    data = serialize(model)
+    if data is None:
+        raise NormfixError(f"cannot write {out} without external data: it is over protobuf's 2 GB limit "
+                           "(drop --no-external-data)")
+    return data
+
+
+def external_payload(model: onnx.ModelProto) -> int:
+    """Bytes the model's tensors keep in external data files."""
+    return sum(_external_info(t)[2] or _expected_bytes(t) or 0 for t, _ in _all_tensors(model) if _is_external(t))
+
+
+def inline_external(model: onnx.ModelProto) -> int:
+    """Read every external tensor into memory (the model no longer reads the data files);
+    returns the bytes read."""
+    total = 0
     for tensor, _ in _all_tensors(model):
         if _is_external(tensor):
             raw = bytes(external_bytes(tensor))
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.DEFAULT
             tensor.raw_data = raw
-    data = serialize(model)
-    if data is None:
-        raise NormfixError(f"cannot write {out} without external data: it is over protobuf's 2 GB limit "
-                           "(drop --no-external-data)")
-    return data
+            total += len(raw)
+    return total
 
 
 def file_mode(target: str | os.PathLike) -> int:

@@ -36,6 +36,8 @@ CORE_OPTIONS = {"seed": 0, "rtol": None, "atol": None, "input_shapes": None, "in
 # the pass itself (1 s at 10k nodes, 135 s at 100k): stages whose pass names its rewrite
 # sites are then checked site by site, unless full_validation is asked for.
 WHOLE_MODEL_NODES = 5000
+# External data up to this size is read into memory for validation (see optimize).
+INLINE_EXTERNAL_BYTES = 256 << 20
 
 
 @dataclass
@@ -109,9 +111,16 @@ def _optimize(model, passes, validate: bool, partial: dict, **options: Any) -> R
     load_notes = _repair_input(work)
     if opts["initializer_inputs_as_constants"]:
         load_notes.append(_initializer_inputs_to_constants(work))
-    # a model with external data is never serialized whole, even once its external tensors
-    # are all rewritten: that copy would double the peak memory (see model_io)
-    data = model_io.serialize(work) if validate and not external else None
+    # A model with large external data is never serialized whole, even once its external
+    # tensors are all rewritten: that copy would double the peak memory (see model_io). Small
+    # external data (dynamo writes even kilobytes that way) is read into memory, so every
+    # check (random draws, the replace_random proof) runs as on a one-file model; the output
+    # keeps the external layout all the same.
+    on_disk = external
+    if validate and external and model_io.external_payload(work) <= INLINE_EXTERNAL_BYTES:
+        model_io.inline_external(work)
+        on_disk = False
+    data = model_io.serialize(work) if validate and not on_disk else None
     # no bytes (external data, or over 2 GB): onnx.checker and onnxruntime read a staged copy
     staged = V.Staged(work) if validate and data is None else None
     try:
@@ -128,7 +137,7 @@ def _optimize(model, passes, validate: bool, partial: dict, **options: Any) -> R
             stage = V.Stages(work, V.Options(seed=opts["seed"], rtol=opts["rtol"], atol=opts["atol"],
                                              shapes=opts["input_shapes"], inputs=inputs),
                              V.Snapshot(work, data), opts["full_validation"], staged and staged.path,
-                             external, WHOLE_MODEL_NODES) if validate else None
+                             on_disk, WHOLE_MODEL_NODES) if validate else None
         except NormfixError as exc:
             finding = getattr(full_check, "tolerated", None)
             if finding is None or isinstance(exc, ValidationError):

@@ -28,6 +28,16 @@ from onnx_normfix.passes import fold_bn
 from onnx_normfix.registry import PassContext
 
 
+@pytest.fixture(autouse=True)
+def keep_external_data_on_disk(monkeypatch):
+    """These tests stand for models too large to read into memory: their external data stays
+    on disk while the pipeline runs, as over `INLINE_EXTERNAL_BYTES` (small ones are inlined
+    for validation: see test_small_external_data_is_validated_like_one_file)."""
+    from onnx_normfix import pipeline
+
+    monkeypatch.setattr(pipeline, "INLINE_EXTERNAL_BYTES", -1)
+
+
 def two_convs(seed=0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
@@ -326,3 +336,29 @@ def test_save_copies_by_hand_where_the_kernel_cannot(src, tmp_path, monkeypatch)
     result.save(tmp_path / "out.onnx")
     assert len(calls) >= 2  # P was copied partly by the kernel, then by hand
     assert_close(outputs_of(tmp_path / "out.onnx"), outputs_of(src))
+
+
+def test_small_external_data_is_validated_like_one_file(tmp_path, monkeypatch):
+    """dynamo writes even kilobytes as external data: such a model is validated as fully as a
+    one-file model (random draws captured, replace_random proven), and still written with its
+    data file beside it."""
+    from onnx_normfix import pipeline
+
+    monkeypatch.setattr(pipeline, "INLINE_EXTERNAL_BYTES", 256 << 20)
+    rng = np.random.default_rng(4)
+    w = numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), "w")  # over the 1 kB threshold
+    g = helper.make_graph([helper.make_node("RandomNormalLike", ["x"], ["n"], name="noise"),
+                           helper.make_node("Add", ["x", "n"], ["xn"]), helper.make_node("MatMul", ["xn", "w"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = IR_VERSION
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    result = onnx_normfix.optimize(src, passes=["replace_random"])
+    (stage,) = result.report["passes"]
+    assert stage["rewrites"] == 1 and stage["validation"]["status"] == "passed", stage["validation"]
+    out = tmp_path / "o.onnx"
+    assert cli.main([str(src), str(out), "--passes", "replace_random", "-q"]) == 0
+    assert (tmp_path / "o.onnx.data").is_file() and (tmp_path / "m.onnx.data").is_file()
+    assert [i.name for i in onnx.load(out).graph.input][:1] == ["x"]
