@@ -164,10 +164,11 @@ def _coverage(recorded, passes: list[dict], no_validate: bool, feeds: dict) -> d
         cover.update({"summary": "not validated (--no-validate)", "whole_model": [], "rewrite_sites": 0,
                       "batch": [], "skipped": {}})
         return cover
-    whole, sites, batch, skipped, draws = [], 0, [], {}, None
+    whole, sites, batch, skipped, draws, second = [], 0, [], {}, None, None
     for p in passes:
         v = p.get("validation") or {}
         draws = draws or v.get("draws")
+        second = second or v.get("second_shape")
         for check in v.get("checks") or []:
             if check == "whole model":
                 whole.append(p["name"])
@@ -182,6 +183,8 @@ def _coverage(recorded, passes: list[dict], no_validate: bool, feeds: dict) -> d
         shapes = feeds.get("shapes")
         at = (" at " + ", ".join(f"{k}:{'x'.join(map(str, d))}" for k, d in shapes.items())) if shapes else ""
         drawn = f", {draws} draws" if draws else ""
+        if second:  # one more draw at other sizes of the symbolic dims
+            drawn += ", and 1 at " + ", ".join(f"{k}:{'x'.join(map(str, d))}" for k, d in second.items())
         parts.append(f"whole model{at} (seed {feeds.get('seed')}{drawn}) after {', '.join(whole)}")
     if sites:
         parts.append(f"{sites} rewrite sites")

@@ -15,6 +15,7 @@ would fail here too.
     7 noise_scale      replace_random with a wrong scale its binding inverts (the proof used the binding)
     7b noise_law       replace_random recording uniform noise for a normal op (only the distribution check sees it)
     8 fp16_underflow   fp16 fold whose W * s underflows (N(0, 1) outputs stay below the fp16 atol)
+    9 bake_shapes      Shape(x) of symbolic N/H/W -> the constant feed shape (every stage ran at one shape)
 """
 
 from __future__ import annotations
@@ -209,6 +210,23 @@ def sigmoid_by_hand(model, ctx):
     return PassResult(rewrites=1)
 
 
+def shape_model():
+    """x[N,3,H,W] -> Relu -> Reshape to Shape(x) -> y (a dynamo export's shape arithmetic)"""
+    return _model([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Shape", ["x"], ["s"]),
+                   helper.make_node("Reshape", ["r", "s"], ["y"])],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, "H", "W"])])
+
+
+def _shape_as_constant(value):
+    def run(model, ctx):
+        n = _node(model, "Shape")
+        n.CopyFrom(helper.make_node("Constant", [], [n.output[0]],
+                                    value=numpy_helper.from_array(np.array(value, np.int64), n.output[0])))
+        return PassResult(rewrites=1)
+    return run
+
+
 def _free_batch(model):
     for vi in list(model.graph.input) + list(model.graph.output):
         vi.type.tensor_type.shape.dim[0].dim_param = "batch"
@@ -297,6 +315,8 @@ CASES = {  # name: (model, wrong pass, correct twin, options)
     "noise_law": (random_model, wrong_noise_law, replace_random_as_is, {"random_mode": "input"}),
     "fp16_underflow": (lambda: fp16_model(gamma=3e-5, gain=1000.0), naive_fp16_fold, None, {}),
     "fp16_legit_fold": (lambda: fp16_model(gamma=1.0, gain=1.0), None, naive_fp16_fold, {}),
+    # baked: the feed shape; right: Reshape's 0 (copy the dim), valid at every shape
+    "bake_shapes": (shape_model, _shape_as_constant([2, 3, 8, 8]), _shape_as_constant([0, 0, 0, 0]), {}),
 }
 
 
@@ -311,6 +331,7 @@ CAUGHT_BY = {
     "noise_scale": r"changed output 'y'",
     "noise_law": r"does not reproduce the original's output distribution",
     "fp16_underflow": r"further from the float32 reference",
+    "bake_shapes": r"pass wrong_bake_shapes: the model no longer runs at x 3x3x16x16, which the previous stage accepts",
 }
 
 
@@ -371,3 +392,34 @@ def test_the_old_validator_would_have_passed_them():
 
     old = np.array([[2000.0, 1.0]], np.float32)
     assert not compare({"y": old}, {"y": np.array([[2000.0, 0.0]], np.float32)})["ok"]
+
+
+def test_second_shape_is_reported_and_fixed_shapes_get_none(registered, tmp_path):
+    """Chosen symbolic dims: every stage also runs at batch 3 and the next size; given
+    shapes (--input-shape) are the user's: no second shape."""
+    registered("right_bake", _shape_as_constant([0, 0, 0, 0]), {})
+    res = nf.optimize(shape_model(), passes=["right_bake"])
+    v = res.report["passes"][0]["validation"]
+    assert v["feed_shapes"] == {"x": [2, 3, 8, 8]} and v["second_shape"] == {"x": [3, 3, 16, 16]}, v
+    assert v["draws"] == 2 and "feed_notes" not in v
+    src, out, rep = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(shape_model(), src)
+    assert cli.main([str(src), str(out), "--passes", "right_bake", "-q", "--report", str(rep)]) == 0
+    summary = json.loads(rep.read_text())["validation"]["summary"]
+    assert "at x:2x3x8x8 (seed 0, 2 draws, and 1 at x:3x3x16x16)" in summary, summary
+    v = nf.optimize(shape_model(), passes=["right_bake"],
+                    input_shapes={"x": [1, 3, 4, 4]}).report["passes"][0]["validation"]
+    assert v["status"] == "passed" and "second_shape" not in v, v
+
+
+def test_input_that_runs_at_one_shape_only_is_not_refused(registered):
+    """x[N,3,H,W] reshaped to a fixed [2, 192]: runs at 2x3x8x8 only. The second shape is
+    dropped with a note, and a correct pass still passes on the first one."""
+    m = _model([helper.make_node("Reshape", ["x", "shape"], ["f"]), helper.make_node("Relu", ["f"], ["y"])],
+               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 192])],
+               [numpy_helper.from_array(np.array([2, 192], np.int64), "shape")])
+    registered("right_max0", relu_to_max0, {})
+    v = nf.optimize(m, passes=["right_max0"]).report["passes"][0]["validation"]
+    assert v["status"] == "passed" and v["draws"] == 2 and "second_shape" not in v, v
+    assert any(n.startswith("second shape x 3x3x16x16 not used: the input model fails there") for n in v["feed_notes"]), v

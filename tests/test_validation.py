@@ -171,11 +171,12 @@ def test_summary_and_report_name_the_feed_shapes(tmp_path, capsys):
     src, report = tmp_path / "g.onnx", tmp_path / "r.json"
     onnx.save(_gan_like(1), src)
     assert cli.main([str(src), str(tmp_path / "o.onnx"), "--report", str(report)]) == 0
-    assert "validation: whole model at x:2x3x8x8 (seed 0, 2 draws) after fold_bn" in capsys.readouterr().out
+    assert ("validation: whole model at x:2x3x8x8 (seed 0, 2 draws, and 1 at x:3x3x16x16) after fold_bn"
+            in capsys.readouterr().out)
     import json
 
     v = json.loads(report.read_text())["passes"][0]["validation"]
-    assert v["feed_shapes"] == {"x": [2, 3, 8, 8]} and v["draws"] == 2
+    assert v["feed_shapes"] == {"x": [2, 3, 8, 8]} and v["draws"] == 2 and v["second_shape"] == {"x": [3, 3, 16, 16]}
 
 
 # ---- 2. feed values ---------------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_each_stage_runs_all_draws_in_one_session(monkeypatch):
     real = worker._WORKER.run
     monkeypatch.setattr(worker._WORKER, "run", lambda source, feeds: calls.append(len(feeds)) or real(source, feeds))
     nf.optimize(conv_bn_model(), passes=["fold_bn"])
-    assert calls == [2, 2]  # the input and the folded stage: one request (one session) each, two draws
+    assert calls == [3, 3]  # the input and the folded stage: one request (one session) each, two draws + second shape
 
 
 # ---- 3. comparison ----------------------------------------------------------------------

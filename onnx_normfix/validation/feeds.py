@@ -64,6 +64,8 @@ class FeedPlan:
     shapes: dict[str, tuple]
     dims: dict[str, int] = field(default_factory=dict)
     chosen: list[str] = field(default_factory=list)  # symbolic dims the validator chose
+    extent: int = EXTENT  # the value of the chosen non-batch dims
+    batch: int = BATCH    # the value of the chosen batch dims
 
     def describe(self) -> str:
         return ", ".join(f"{n} {'x'.join(map(str, s)) or 'scalar'}" for n, s in self.shapes.items())
@@ -146,7 +148,7 @@ def plan_shapes(model: onnx.ModelProto, shapes: dict | None = None, inputs: dict
         if k not in input_names and np.size(v) == 1:
             given.setdefault(k, int(np.ravel(v)[0]))
     batch_dims = _batch_dims(real)
-    plan = FeedPlan(shapes={}, dims=dict(given))
+    plan = FeedPlan(shapes={}, dims=dict(given), extent=extent, batch=batch)
     for vi in real:
         if vi.name in inputs:
             plan.shapes[vi.name] = tuple(np.shape(inputs[vi.name]))
@@ -189,6 +191,25 @@ def shape_candidates(model: onnx.ModelProto, shapes: dict | None = None, inputs:
             seen.add(key)
             out.append(plan)
     return out
+
+
+SECOND_BATCH = 3  # batch of the second shape: odd, distinct from BATCH and from 1
+
+
+def second_plan(model: onnx.ModelProto, plan: FeedPlan, shapes: dict | None = None,
+                inputs: dict | None = None) -> FeedPlan | None:
+    """The second shape each stage also runs at, when the validator chose symbolic dims:
+    batch dims at 3, the other chosen dims at the next candidate size (twice `plan`'s), so
+    that a pass that bakes the feed shape into constants shows. None when nothing was chosen
+    (every dim fixed or given) or no other shape fits."""
+    if not plan.chosen:
+        return None
+    batch = SECOND_BATCH if plan.batch != SECOND_BATCH else BATCH
+    for extent in (plan.extent * 2, plan.extent):
+        other = plan_shapes(model, shapes, inputs, extent=extent, batch=batch)
+        if other.shapes != plan.shapes and _fits(other):
+            return other
+    return None
 
 
 def _fits(plan: FeedPlan) -> bool:

@@ -9,6 +9,12 @@ previous stage's outputs (kept from its own check, so each stage costs one sessi
 random ops controlled (`randomness`); noise inputs of `replace_random` fed from the original
 op and its output distribution checked; fp16/bf16 judged against a float32 reference when
 needed; a freed batch axis checked with distinct samples run together and alone.
+
+Where the validator chose symbolic dims, the last draw is at a second shape (batch 3, other
+dims at the next size): a pass that bakes the feed shape into constants fails to run there
+(a ValidationError naming the shape), or differs. That draw's job is the shape: its atol is
+scaled by the previous stage's output RMS there too, since its many more elements would
+otherwise meet the fp32 rounding of high-gain outputs; values are held strictly on the others.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from ..errors import NormfixError, ValidationError
 from ..model_io import _first_line
 from . import randomness as R
 from .compare import compare_draws, float32_copy, float32_draws, input_scale, needs_reference
-from .feeds import FeedPlan, FeedsUnavailable, Options, check_shape_names, make_draws, real_inputs, shape_candidates
+from .feeds import (FeedPlan, FeedsUnavailable, Options, check_shape_names, make_draws, real_inputs, second_plan,
+                    shape_candidates)
 from .sites import check_sites
 from .checker import run_checker  # noqa: F401  (stages check with the input's policy)
 from .worker import RuntimeCrashed, RuntimeUnavailable, Staged, run_draws
@@ -75,8 +82,10 @@ class Stages:
         check_shape_names(model, options.shapes)
         self.candidates = shape_candidates(model, options.shapes, options.inputs)
         self.plan: FeedPlan = self.candidates[0]
+        self.second: FeedPlan | None = None  # the extra draw's shapes (the last draw), if any
+        self.primary = 0  # how many draws are at self.plan's shapes
         try:
-            self.draws = make_draws(model, self.plan, options.seed, options.inputs, options.draws)
+            self.draws = self._make_draws(model, self.plan)
         except FeedsUnavailable as exc:
             self.unavailable, self.draws = str(exc), []
             return
@@ -88,6 +97,38 @@ class Stages:
                 self.outputs = outputs
 
     # ---- the input ----------------------------------------------------------------------
+    def _make_draws(self, model: onnx.ModelProto, plan: FeedPlan) -> list:
+        """The draws at `plan`, plus one at a second shape where the validator chose
+        symbolic dims: a pass that bakes the feed shape into constants fails there."""
+        o = self.options
+        draws = make_draws(model, plan, o.seed, o.inputs, o.draws)
+        self.primary = len(draws)
+        self.second = second_plan(model, plan, o.shapes, o.inputs)
+        if self.second is not None:
+            draws += make_draws(model, self.second, o.seed + 1, o.inputs, 1)
+        return draws
+
+    def _drop_second(self, why: str) -> None:
+        self.notes.append(f"second shape {self.second.describe()} not used: {why}")
+        self.draws, self.second = self.draws[:self.primary], None
+        if self.outputs is not None:
+            self.outputs = self.outputs[:self.primary]
+
+    def _drop_failing(self, exc: NormfixError) -> bool:
+        """A later draw fails on the input although the first runs (image-range floats cast
+        to indices; the second shape): keep the draws the model accepts, and say so."""
+        failed = re.match(r"onnxruntime failed to run the model: draw (\d+): (.*)", str(exc))
+        if not failed:
+            return False
+        k = int(failed.group(1))
+        if self.second is not None and k == self.primary:
+            self._drop_second(f"the input model fails there ({failed.group(2)})")
+        else:
+            self.notes.append(f"draw {k} (and later) not used: the input model fails on it ({failed.group(2)})")
+            self.draws = self.draws[:k] + self.draws[self.primary:]
+            self.primary = k
+        return True
+
     def _run_input(self, model: onnx.ModelProto, data: bytes | None, path: str | None = None) -> list | None:
         """Run the input on the first candidate shapes onnxruntime accepts. If onnxruntime
         cannot load a model made of standard ops only, the input is broken (or newer than
@@ -97,20 +138,15 @@ class Stages:
         for k, plan in enumerate(self.candidates):
             if k:
                 self.plan = plan
-                self.draws = make_draws(model, plan, self.options.seed, self.options.inputs, self.options.draws)
+                self.draws = self._make_draws(model, plan)
             try:
-                try:
-                    return run_draws(model, self.draws, serialized=data, path=path)
-                except NormfixError as exc:
-                    # the shapes run, a later draw's values do not (image-range floats cast to
-                    # indices, say): compare on the draws the model accepts, and say so
-                    failed = re.match(r"onnxruntime failed to run the model: draw (\d+): (.*)", str(exc))
-                    if not failed:
-                        raise
-                    self.draws = self.draws[:int(failed.group(1))]
-                    self.notes.append(f"draw {failed.group(1)} (and later) not used: the input model fails on it "
-                                      f"({failed.group(2)})")
-                    return run_draws(model, self.draws, serialized=data, path=path)
+                for _ in range(3):  # at most: a draw's values, then the second shape, dropped
+                    try:
+                        return run_draws(model, self.draws, serialized=data, path=path)
+                    except NormfixError as exc:
+                        if isinstance(exc, (RuntimeUnavailable, RuntimeCrashed)) or not self._drop_failing(exc):
+                            raise
+                return run_draws(model, self.draws, serialized=data, path=path)
             except RuntimeCrashed:
                 return None
             except RuntimeUnavailable as exc:
@@ -130,7 +166,9 @@ class Stages:
                            "with --input-shape NAME:1x3x224x224, or real --inputs")
 
     def feeds_used(self) -> dict:
-        used = {"feed_shapes": {n: list(s) for n, s in self.plan.shapes.items()}, "draws": len(self.draws)}
+        used = {"feed_shapes": {n: list(s) for n, s in self.plan.shapes.items()}, "draws": self.primary}
+        if self.second is not None:
+            used["second_shape"] = {n: list(s) for n, s in self.second.shapes.items()}
         return {**used, "feed_notes": list(self.notes)} if self.notes else used
 
     # ---- one stage ----------------------------------------------------------------------
@@ -165,6 +203,8 @@ class Stages:
             return self._check_sites(p, result, before.model, after)
         now_random = R.random_nodes(after)
         shared = {o for o, d in now_random.items() if before.random.get(o) == d}
+        if self.second is not None and (shared or before.random or result.input_bindings):
+            self._drop_second("random ops are compared on draws captured at the first shape")
         if before.data is None and (shared or result.input_bindings or self.outputs is None or before.random):
             return {"status": "skipped", "reason": "previous stage (external data or over 2 GB) was not kept "
                     "(its outputs could not be computed, or random draws would have to be captured)"}
@@ -209,6 +249,10 @@ class Stages:
         except RuntimeUnavailable as exc:  # the previous stage ran: the pass broke the model
             raise ValidationError(f"after pass {p.name}, onnxruntime cannot load the model: {exc}", stage=p.name) from None
         except NormfixError as exc:
+            failed = re.match(r"onnxruntime failed to run the model: draw (\d+): (.*)", str(exc))
+            if self.second is not None and failed and int(failed.group(1)) == self.primary:
+                raise ValidationError(f"pass {p.name}: the model no longer runs at {self.second.describe()}, which the "
+                                      f"previous stage accepts: {failed.group(2)}", stage=p.name) from None
             raise ValidationError(f"after pass {p.name}: {exc}", stage=p.name) from None
         uncontrolled = set(now_random) - shared
         # A draw the original made against the ONNX spec (onnxruntime's Bernoulli) cannot be
@@ -220,6 +264,9 @@ class Stages:
             self.outputs = None
             return {"status": "skipped", "reason": notes[0]}
         scales = [input_scale(new_draws[k]) for k in keep]
+        if self.second is not None and self.primary in keep:  # its job is the shape (module docstring)
+            j = keep.index(self.primary)
+            scales[j] = max(scales[j], _output_rms(old[self.primary]))
         cmp = compare_draws([old[k] for k in keep], [new[k] for k in keep], self.options.rtol, self.options.atol,
                             scales=scales)
         if needs_reference(cmp) and not before.random and old_model is not None:
@@ -253,7 +300,8 @@ class Stages:
             if dist.get("runs"):
                 checks.append(f"noise distribution over {dist['runs']} runs")
         # (with shared random ops the new stage ran cut: its own random ops would redraw)
-        batch = self._batch_check(p, before, after, new_draws, new, data) if not shared else None
+        batch = (self._batch_check(p, before, after, new_draws[:self.primary], new[:self.primary], data)
+                 if not shared else None)
         if batch is not None:
             checks.append(f"batch {batch}")
         return {"status": "passed" if preserving else "changed", "checks": checks, **verdict}
@@ -381,6 +429,15 @@ class Stages:
             run_checker(data, full_check=full_check)
         except Exception as exc:
             raise ValidationError(f"pass {p.name} produced an invalid model: {_first_line(exc)}", stage=p.name) from None
+
+
+def _output_rms(outputs: dict) -> float:
+    """RMS of a draw's float outputs (1 if none): the atol scale of the second-shape draw."""
+    values = [np.asarray(v, np.float64).ravel() for v in outputs.values()
+              if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating) and v.size]
+    values = [v[np.isfinite(v)] for v in values]
+    flat = np.concatenate(values) if values else np.zeros(0)
+    return float(np.sqrt(np.mean(flat ** 2))) if flat.size else 1.0
 
 
 def _leading_dim(vi: onnx.ValueInfoProto) -> str | None:
