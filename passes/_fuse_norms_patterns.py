@@ -495,7 +495,7 @@ def group_split(g: Graph, rs_in: onnx.NodeProto, rs_out: onnx.NodeProto) -> tupl
     count forces N' == N. A symbolic N or K is proven by the Reshape target instead:
     [Gather(Shape(x), 0) | 0 | N, G, -1] and, back, Shape(x) or x's static non-batch dims."""
     x = rs_in.input[0]
-    shape0, shape = g.shape(x), g.shape(rs_in.output[0])
+    shape0, shape = g.shape(x), _reshaped_to(g, rs_in)
     if shape0 is None or len(shape0) < 3 or shape is None or len(shape) < 3:
         return None
     channels, groups = shape0[1], shape[1]
@@ -510,11 +510,30 @@ def group_split(g: Graph, rs_in: onnx.NodeProto, rs_out: onnx.NodeProto) -> tupl
     # back to x's shape
     back = g.shape(rs_out.output[0])
     shape_of = g.op(rs_out.input[1], "Shape")
-    if shape_of is not None and shape_of.input[0] == x and not shape_of.attribute:
+    if shape_of is not None and shape_of.input[0] == x and whole_shape(shape_of, len(shape0)):
         return x, channels, groups, len(shape0)
     if back is not None and len(back) == len(shape0) and back[1:] == shape0[1:] and static0 and isinstance(channels, int):
         return x, channels, groups, len(shape0)
     return None
+
+
+def _reshaped_to(g: Graph, rs: onnx.NodeProto) -> list | None:
+    """The Reshape's output shape as inferred, with the dims its constant target fixes filled
+    in: shape inference leaves [N, unk, unk] when the target is computed (dynamo's unoptimized
+    Concat of Constants), yet the target itself folds to [0, G, -1]."""
+    shape = g.shape(rs.output[0])
+    target = g.ix.constant(rs.input[1])
+    if target is None or target.ndim != 1 or (shape is not None and len(shape) != target.size):
+        return shape
+    shape = list(shape) if shape is not None else [None] * target.size
+    return [int(t) if t > 0 and not isinstance(d, int) else d for d, t in zip(shape, target.tolist())]
+
+
+def whole_shape(node: onnx.NodeProto, rank: int) -> bool:
+    """A Shape node that returns every dim of its rank-`rank` input: no start/end, or the
+    explicit start=0 (dynamo writes it; a start <= -rank clamps to 0) and an end past the last axis."""
+    start, end = attr(node, "start", 0), attr(node, "end")
+    return (start == 0 or (rank > 0 and start <= -rank)) and (end is None or (rank > 0 and end >= rank))
 
 
 def _group_target(g: Graph, rs: onnx.NodeProto, x: str, groups: int) -> bool:
@@ -532,7 +551,7 @@ def _group_target(g: Graph, rs: onnx.NodeProto, x: str, groups: int) -> bool:
         return False
     chain = (match_parents(g.ix, concat, [("Unsqueeze", 0), (("Gather", "Slice"), 0), ("Shape", 0)])
              or match_parents(g.ix, concat, [(("Gather", "Slice"), 0), ("Shape", 0)]))
-    if not chain or chain[-1].input[0] != x or chain[-1].attribute:
+    if not chain or chain[-1].input[0] != x or not whole_shape(chain[-1], len(g.shape(x) or [])):
         return False
     gather = chain[-2]
     if gather.op_type == "Gather":

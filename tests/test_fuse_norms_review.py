@@ -1,0 +1,134 @@
+"""fuse_norms review findings: dynamo's GroupNorm (symbolic shapes), the leftovers' reasons,
+hand-written GroupNorm under opset-13 Reshape inference. Each case has a must-not-fire twin."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper, numpy_helper
+
+from helpers import count_ops, ort_run
+from onnx_normfix.leftovers import find_leftovers
+from onnx_normfix.passes.fuse_norms import PASS
+from onnx_normfix.registry import PassContext
+
+C, G = 8, 2
+
+
+def run_pass(model, **options):
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    result = PASS.run(out, PassContext(options={"target_opset": None, **options}))
+    return out, result
+
+
+def feeds(model, shape=(2, C, 5, 3), seed=0):
+    return {"x": np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 3 + 1}
+
+
+def _const(name, value):
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name))
+
+
+def dynamo_groupnorm(opset=21, target=(0, G, -1), scale_value=1.0, shape_attrs=None):
+    """dynamo's GroupNorm with symbolic N/H/W, unoptimized style: the Reshape target is a
+    Concat of Constants (shape inference cannot read it), the InstanceNormalization's ones
+    and zeros are Expand(CastLike(.)), and the way back is Shape(x, start=0)."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((C, 1, 1)).astype(np.float32)
+    b = rng.standard_normal((C, 1, 1)).astype(np.float32)
+    nodes = [
+        _const("t0", np.array([target[0]], np.int64)), _const("t1", np.array([target[1]], np.int64)),
+        _const("t2", np.array([target[2]], np.int64)),
+        helper.make_node("Concat", ["t0", "t1", "t2"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["xg"]),
+        _const("one", np.array(scale_value, np.float32)), _const("zero", np.array(0.0, np.float32)),
+        _const("ng", np.array([max(target[1], target[2])], np.int64)),
+        helper.make_node("CastLike", ["one", "x"], ["one_c"]),
+        helper.make_node("Expand", ["one_c", "ng"], ["ones"]),
+        helper.make_node("CastLike", ["zero", "x"], ["zero_c"]),
+        helper.make_node("Expand", ["zero_c", "ng"], ["zeros"]),
+        helper.make_node("InstanceNormalization", ["xg", "ones", "zeros"], ["yg"], epsilon=1e-5, name="node_inorm"),
+        helper.make_node("Shape", ["x"], ["xs"], **(shape_attrs if shape_attrs is not None else {"start": 0})),
+        helper.make_node("Reshape", ["yg", "xs"], ["yr"]),
+        helper.make_node("Mul", ["yr", "w"], ["ym"]),
+        helper.make_node("Add", ["ym", "b"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "dynamo_gn", [helper.make_tensor_value_info("x", T.FLOAT, ["N", C, "H", "W"])],
+        [helper.make_tensor_value_info("y", T.FLOAT, ["N", C, "H", "W"])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _groupnorm_ref(x, w, b, eps=1e-5):
+    n = x.shape[0]
+    xg = x.reshape(n, G, -1).astype(np.float64)
+    y = (xg - xg.mean(-1, keepdims=True)) / np.sqrt(xg.var(-1, keepdims=True) + eps)
+    return y.reshape(x.shape) * w + b
+
+
+def test_dynamo_groupnorm_form_fuses_with_symbolic_shapes():
+    model = dynamo_groupnorm()
+    after, result = run_pass(model)
+    assert result.rewrites == 1, result.notes
+    onnx.checker.check_model(after, full_check=True)
+    ops = count_ops(after)
+    assert ops.get("GroupNormalization") == 1 and "InstanceNormalization" not in ops, ops
+    for shape in [(2, C, 5, 3), (1, C, 4, 7)]:  # symbolic N/H/W: two shapes
+        f = feeds(model, shape)
+        want, got = ort_run(model, f)["y"], ort_run(after, f)["y"]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        w = numpy_helper.to_array(model.graph.initializer[0])
+        b = numpy_helper.to_array(model.graph.initializer[1])
+        np.testing.assert_allclose(got, _groupnorm_ref(f["x"], w, b), rtol=1e-4, atol=1e-4)
+
+
+def test_dynamo_groupnorm_twins_do_not_fire():
+    # a real InstanceNorm over the [N, G, -1] view (scale not ones): not a GroupNorm, no rewrite
+    after, result = run_pass(dynamo_groupnorm(scale_value=2.0))
+    assert result.rewrites == 0 and count_ops(after).get("InstanceNormalization") == 1
+    # [N, -1, G]: the statistics are over strided channels, not groups: declined, with a note
+    _, result = run_pass(dynamo_groupnorm(target=(0, -1, G)))
+    assert result.rewrites == 0
+    assert any("GroupNorm at node_inorm" in n and "cannot prove" in n for n in result.notes), result.notes
+    # below opset 21: stays in the exporters' form, and the note names the option
+    _, result = run_pass(dynamo_groupnorm(opset=20))
+    assert result.rewrites == 0
+    assert any("GroupNorm at node_inorm" in n and "--target-opset 21" in n for n in result.notes), result.notes
+
+
+def test_shape_with_start_end_is_not_the_whole_shape():
+    from onnx_normfix.passes._fuse_norms_patterns import whole_shape
+
+    assert whole_shape(helper.make_node("Shape", ["x"], ["s"]), 4)
+    assert whole_shape(helper.make_node("Shape", ["x"], ["s"], start=0), 4)
+    assert whole_shape(helper.make_node("Shape", ["x"], ["s"], start=-4, end=4), 4)
+    assert not whole_shape(helper.make_node("Shape", ["x"], ["s"], start=1), 4)
+    assert not whole_shape(helper.make_node("Shape", ["x"], ["s"], start=0, end=3), 4)
+    assert not whole_shape(helper.make_node("Shape", ["x"], ["s"], end=-1), 4)
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+def test_real_dynamo_groupnorm_export_fuses_at_21(optimize):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, C, 3, padding=1), torch.nn.GroupNorm(G, C)).eval()
+    with torch.no_grad():
+        m[1].weight.uniform_(0.5, 1.5)
+        m[1].bias.uniform_(-0.5, 0.5)
+    auto = torch.export.Dim.AUTO
+    x = torch.randn(2, 3, 6, 5)
+    model = torch.onnx.export(m, (x,), None, dynamo=True, optimize=optimize, input_names=["x"],
+                              dynamic_shapes=({0: auto, 2: auto, 3: auto},), verbose=False).model_proto
+    import onnx_normfix
+
+    result = onnx_normfix.optimize(model, passes=["fuse_norms"], target_opset=21, validate=False)
+    ops = count_ops(result.model)
+    assert ops.get("GroupNormalization") == 1 and "InstanceNormalization" not in ops, ops
+    for shape in [(2, 3, 6, 5), (1, 3, 4, 9)]:
+        xi = torch.randn(*shape)
+        got = next(iter(ort_run(result.model, {"x": xi.numpy()}).values()))
+        np.testing.assert_allclose(got, m(xi).detach().numpy(), rtol=1e-4, atol=1e-4)
