@@ -132,3 +132,66 @@ def test_real_dynamo_groupnorm_export_fuses_at_21(optimize):
         xi = torch.randn(*shape)
         got = next(iter(ort_run(result.model, {"x": xi.numpy()}).values()))
         np.testing.assert_allclose(got, m(xi).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+# ---- hand-written GroupNorm, TorchScript at opset 13: Reshape-13's shape inference reads only a
+# constant target, so the Concat(Unsqueeze(Gather(Shape(x), i))) target left the rank unknown
+def _hand_groupnorm_ts(opset, swap_back=False):
+    torch = pytest.importorskip("torch")
+
+    class HandGN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Conv2d(3, 6, 3, padding=1)
+            self.w = torch.nn.Parameter(torch.rand(1, 6, 1, 1) + 0.5)
+            self.b = torch.nn.Parameter(torch.rand(1, 6, 1, 1) - 0.5)
+
+        def forward(self, x):
+            x = self.c(x)
+            n, c, h, w = x.shape
+            g = x.reshape(n, 3, -1)
+            m = g.mean(-1, keepdim=True)
+            v = ((g - m) ** 2).mean(-1, keepdim=True)
+            g = (g - m) / torch.sqrt(v + 1e-5)
+            back = g.reshape(n, c, w, h) if swap_back else g.reshape(n, c, h, w)
+            return back * self.w + self.b
+
+    import io
+
+    torch.manual_seed(0)
+    m = HandGN().eval()
+    buf = io.BytesIO()
+    torch.onnx.export(m, (torch.randn(2, 3, 5, 5),), buf, dynamo=False, opset_version=opset, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}})
+    return m, onnx.load_from_string(buf.getvalue())
+
+
+@pytest.mark.parametrize("opset", [13, 16])
+def test_hand_groupnorm_torchscript_fuses_at_every_export_opset(opset):
+    import onnx_normfix
+    import torch
+
+    m, model = _hand_groupnorm_ts(opset)
+    result = onnx_normfix.optimize(model, passes=["fuse_norms"], target_opset=21, validate=False)
+    ops = count_ops(result.model)
+    assert ops.get("GroupNormalization") == 1 and not {"ReduceMean", "Sqrt", "Reshape"} & set(ops), ops
+    below = onnx_normfix.optimize(model, passes=["fuse_norms"], validate=False)  # no target: the InstanceNorm form
+    assert count_ops(below.model).get("InstanceNormalization") == 1 and "Sqrt" not in count_ops(below.model)
+    for shape in [(2, 3, 5, 5), (1, 3, 4, 7)]:
+        x = torch.randn(*shape)
+        want = m(x).detach().numpy()
+        for fused in (result.model, below.model):
+            np.testing.assert_allclose(ort_run(fused, {"x": x.numpy()})["y"], want, rtol=1e-4, atol=1e-4)
+
+
+def test_hand_groupnorm_reshaped_back_to_another_shape_is_no_groupnorm():
+    import onnx_normfix
+    import torch
+
+    m, model = _hand_groupnorm_ts(13, swap_back=True)  # back to [N, C, W, H]
+    result = onnx_normfix.optimize(model, passes=["fuse_norms"], target_opset=21, validate=False)
+    assert "GroupNormalization" not in count_ops(result.model)
+    for shape in [(2, 3, 5, 5), (1, 3, 4, 7)]:  # H != W: the output is [N, C, W, H], as in PyTorch
+        x = torch.randn(*shape)
+        np.testing.assert_allclose(ort_run(result.model, {"x": x.numpy()})["y"], m(x).detach().numpy(),
+                                   rtol=1e-4, atol=1e-4)
