@@ -195,3 +195,55 @@ def test_hand_groupnorm_reshaped_back_to_another_shape_is_no_groupnorm():
         x = torch.randn(*shape)
         np.testing.assert_allclose(ort_run(result.model, {"x": x.numpy()})["y"], m(x).detach().numpy(),
                                    rtol=1e-4, atol=1e-4)
+
+
+# ---- leftovers: the real reason a norm stayed
+def _left(model, **options):
+    after, result = run_pass(model, **options)
+    return {(g["op"], g["kind"]): g for g in find_leftovers(after, ["fuse_norms"], {"fuse_norms": result.notes},
+                                                            available={"fuse_norms", "fix_inorm", "fold_bn"})}
+
+
+@pytest.mark.parametrize("kind,opset,need,label", [("rms", 17, 23, "RMSNorm"), ("rms", 22, 23, "RMSNorm"),
+                                                   ("ln", 16, 17, "LayerNorm")])
+def test_leftover_norm_declined_for_the_opset_says_so(kind, opset, need, label):
+    from norm_graphs import build
+
+    group = _left(build(kind=kind, opset=opset))[(f"decomposed {label}", "ReduceMean ... Sqrt chain")]
+    assert f"needs opset {need}" in group["reason"] and f"--target-opset {need}" in group["reason"], group
+    assert "did not match" not in group["reason"]
+    # without the pass's notes (a report from elsewhere), the opset itself still gives the reason
+    after, _ = run_pass(build(kind=kind, opset=opset))
+    bare = find_leftovers(after, ["fuse_norms"], {"fuse_norms": []}, available={"fuse_norms"})
+    assert f"--target-opset {need}" in bare[0]["reason"] and "did not match" not in bare[0]["reason"]
+    not_run = find_leftovers(after, ["fold_bn"], {}, available={"fuse_norms"})
+    assert not_run[0]["hint"] == f"run with fuse_norms --target-opset {need}"
+
+
+def test_leftover_norm_declined_for_another_reason_gives_that_reason_not_the_opset():
+    from norm_graphs import build
+
+    group = _left(build(extra_use="sub"))[("decomposed LayerNorm", "ReduceMean ... Sqrt chain")]
+    assert "is also read by" in group["reason"] and "opset" not in group["reason"], group
+    # at the right opset and with no note naming it, nothing about the opset is claimed
+    after, _ = run_pass(build(extra_use="sub"))
+    bare = find_leftovers(after, ["fuse_norms"], {"fuse_norms": []}, available={"fuse_norms"})
+    assert bare[0]["reason"] == "fuse_norms did not match it"
+
+
+def test_leftover_instancenorm_of_a_groupnorm_is_called_a_groupnorm():
+    model = dynamo_groupnorm(opset=20)
+    left = find_leftovers(model, ["fold_bn"], {}, available={"fuse_norms", "fix_inorm"})
+    assert [(g["op"], g["kind"]) for g in left] == [("InstanceNormalization", "GroupNorm between Reshapes")]
+    assert "a GroupNorm" in left[0]["reason"] and "track_running_stats" not in left[0]["reason"]
+    assert left[0]["hint"] == "GroupNormalization: run with fuse_norms --target-opset 21"
+    declined = _left(model)[("InstanceNormalization", "GroupNorm between Reshapes")]
+    assert "--target-opset 21" in declined["reason"] and declined["hint"] is None
+    at21 = find_leftovers(dynamo_groupnorm(opset=21), ["fold_bn"], {}, available={"fuse_norms"})
+    assert at21[0]["hint"] == "GroupNormalization: run with fuse_norms"
+
+
+def test_leftover_plain_instancenorm_between_reshapes_stays_per_instance():
+    # scale 2: an InstanceNorm of the [N, G, -1] view, not a GroupNorm: the running-stats wording stays
+    left = find_leftovers(dynamo_groupnorm(scale_value=2.0), ["fold_bn"], {}, available={"fuse_norms", "fix_inorm"})
+    assert left[0]["kind"] == "per-instance statistics" and "track_running_stats" in left[0]["reason"]
