@@ -42,7 +42,12 @@ The pass declines, with a note "skipped <kind> at <scope>: <why>", when
   - the dtype is not float16/float/double, or the norm's input and output dtypes differ, or
     (InstanceNormalization) is double, which onnxruntime has no kernel for;
   - the normalized dims (LayerNorm/RMSNorm scale) or the channels (Instance/GroupNorm) are not
-    static. An affine constant that varies along other axes is not absorbed (it stays a Mul/Add).
+    static;
+  - (the exporters' Reshape -> InstanceNormalization(ones, zeros) -> Reshape GroupNorm) the opset
+    is below 21, or the Reshapes cannot be proven to split C into G groups and restore x.
+An affine constant that varies along other axes is not absorbed (it stays a Mul/Add).
+Symbolic shapes are proven through the Reshape targets (group_split): constant or computed
+[0, G, -1], TorchScript's Concat(Unsqueeze(Gather(Shape(x), i))), Shape(x) with dynamo's start=0.
 The fused node takes the pattern's last output name (graph outputs keep their names) and the
 place of its last node; the others go in one GraphIndex.commit().
 """
