@@ -39,25 +39,96 @@ def find_leftovers(model: onnx.ModelProto, passes_run, notes_by_pass: dict[str, 
         if len(g["nodes"]) < MAX_NODES_LISTED:
             g["nodes"].append(node.name or op)
 
+    opset = _opset(model)
+    fuser = "fuse_norms" if "fuse_norms" in available else None
+    index = None
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx"):
             continue
         if node.op_type == "BatchNormalization":
             add(node, node.op_type, *_batchnorm(node, producers, consumers, ran, notes))
         elif node.op_type == "InstanceNormalization":
-            add(node, node.op_type, *_instancenorm(node, ran, notes))
-    for node, kind in _decomposed_norms(model, producers):
-        fuser = "fuse_norms" if "fuse_norms" in available else None
+            if index is None and _between_reshapes(node, producers, consumers):
+                from .graph import GraphIndex
+
+                index = GraphIndex(model)
+            if _between_reshapes(node, producers, consumers) and _ones_zeros(index, node):
+                add(node, node.op_type, *_groupnorm(node, ran, notes, opset, fuser))
+            else:
+                add(node, node.op_type, *_instancenorm(node, ran, notes))
+    for node, mean, kind in _decomposed_norms(model, producers):
+        need = NEEDS_OPSET[kind]
+        target = f" --target-opset {need}" if opset < need else ""
         if fuser and fuser not in ran:
-            hint = f"run with {fuser}"
+            hint = f"run with {fuser}{target}"
         elif fuser:
             hint = None
         else:
             hint = "no pass of this version fuses it; it is correct as it is"
-        reason = ("a normalization the exporter wrote as elementary ops" if not fuser or fuser not in ran
-                  else _declined(node, notes.get(fuser, [])) or "fuse_norms did not match it")
+        if not fuser or fuser not in ran:
+            reason = "a normalization the exporter wrote as elementary ops"
+        else:
+            reason = (_declined(node, notes.get(fuser, [])) or _declined_at(mean, notes.get(fuser, []))
+                      or (_opset_reason(kind, need, opset) if target else "fuse_norms did not match it"))
         add(node, f"decomposed {kind}", "ReduceMean ... Sqrt chain", reason, hint)
     return list(groups.values())
+
+
+# the op each decomposed kind fuses into needs this default-domain opset (see passes/fuse_norms.py)
+NEEDS_OPSET = {"LayerNorm": 17, "RMSNorm": 23, "GroupNorm": 21}
+OPS = {"LayerNorm": "LayerNormalization", "RMSNorm": "RMSNormalization", "GroupNorm": "GroupNormalization"}
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _opset_reason(kind: str, need: int, opset: int) -> str:
+    return (f"{OPS[kind]} needs opset {need}, the model's default-domain opset is {opset}: "
+            f"rerun with --target-opset {need}")
+
+
+def _declined_at(node: onnx.NodeProto, notes: list[str]) -> str | None:
+    """fuse_norms names a site by the scope of its variance ReduceMean ('... at /ln/: why');
+    a name without a scope is its own ('... at /ReduceMean_1: why')."""
+    name = node.name or (node.output[0] if node.output else "")
+    if not name:
+        return None
+    scope = name.rsplit("/", 1)[0] + "/" if "/" in name.strip("/") else name
+    return next((n for n in notes if f" at {scope}: " in n), None)
+
+
+def _between_reshapes(node, producers, consumers) -> bool:
+    src = producers.get(node.input[0]) if node.input else None
+    after = consumers.get(node.output[0], [])
+    return src is not None and src.op_type == "Reshape" and len(after) == 1 and after[0].op_type == "Reshape"
+
+
+def _ones_zeros(index, node) -> bool:
+    if index is None or len(node.input) < 3:
+        return False
+    import numpy as np
+
+    scale, bias = index.constant(node.input[1]), index.constant(node.input[2])
+    return scale is not None and bias is not None and bool(np.all(scale == 1)) and bool(np.all(bias == 0))
+
+
+def _groupnorm(node, ran, notes, opset, fuser) -> tuple[str, str, str | None]:
+    """Reshape -> InstanceNormalization(ones, zeros) -> Reshape: the exporters' GroupNorm."""
+    kind = "GroupNorm between Reshapes"
+    form = ("a GroupNorm: statistics per (sample, group) of the [N, G, -1] view, the per-channel "
+            "affine after the Reshape back; correct as it is")
+    target = " --target-opset 21" if opset < 21 else ""
+    if fuser is None:
+        return kind, form, None
+    if fuser not in ran:
+        return kind, form, f"GroupNormalization: run with {fuser}{target}"
+    declined = _declined(node, notes.get(fuser, []))
+    if declined:
+        return kind, f"{form}; {declined}", None
+    if target:
+        return kind, f"{form}; {_opset_reason('GroupNorm', 21, opset)}", None
+    return kind, f"{form} (fuse_norms left this form: --group-norm instance, or the split was not provable)", None
 
 
 def _declined(node: onnx.NodeProto, notes: list[str]) -> str | None:
@@ -101,8 +172,8 @@ def _instancenorm(node, ran, notes) -> tuple[str, str, str | None]:
             "if it had running stats: run with fix_inorm and --stats CKPT or --calibration-data FILE.npz")
 
 
-def _decomposed_norms(model: onnx.ModelProto, producers) -> list[tuple[onnx.NodeProto, str]]:
-    """Sqrt(Add(ReduceMean(...), eps)) chains: LayerNorm when the mean is of (x - mean(x))
+def _decomposed_norms(model: onnx.ModelProto, producers) -> list[tuple[onnx.NodeProto, onnx.NodeProto, str]]:
+    """(Sqrt, variance ReduceMean, kind) of the Sqrt(Add(ReduceMean(...), eps)) chains: LayerNorm when the mean is of (x - mean(x))
     squared, RMSNorm when of x squared. A coarse census, not a matcher: fuse_norms matches."""
     found = []
     for node in model.graph.node:
@@ -119,7 +190,7 @@ def _decomposed_norms(model: onnx.ModelProto, producers) -> list[tuple[onnx.Node
             continue
         centered = producers.get(square.input[0])
         kind = "LayerNorm" if centered is not None and centered.op_type == "Sub" else "RMSNorm"
-        found.append((node, kind))
+        found.append((node, mean, kind))
     return found
 
 

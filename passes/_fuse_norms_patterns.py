@@ -82,10 +82,13 @@ class Graph:
         return self._types[name]
 
     def shape(self, name: str) -> list | None:
-        """Dims as ints (static) or strings/None (symbolic); None if the rank is unknown."""
+        """Dims as ints (static) or strings/None (symbolic); None if the rank is unknown.
+        A Reshape output that shape inference left without a shape gets one from its target
+        (`reshape_shape`): Reshape-5/13's inference reads only constant targets."""
         t = self.ix.value_type(name)
         if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
-            return None
+            node = self.op(name, "Reshape")
+            return reshape_shape(self, node) if node is not None else None
         return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.tensor_type.shape.dim]
 
     def scalar(self, name: str) -> float | None:
@@ -475,7 +478,7 @@ def group_split(g: Graph, rs_in: onnx.NodeProto, rs_out: onnx.NodeProto) -> tupl
     count forces N' == N. A symbolic N or K is proven by the Reshape target instead:
     [Gather(Shape(x), 0) | 0 | N, G, -1] and, back, Shape(x) or x's static non-batch dims."""
     x = rs_in.input[0]
-    shape0, shape = g.shape(x), g.shape(rs_in.output[0])
+    shape0, shape = g.shape(x), _reshaped_to(g, rs_in)
     if shape0 is None or len(shape0) < 3 or shape is None or len(shape) < 3:
         return None
     channels, groups = shape0[1], shape[1]
@@ -490,11 +493,97 @@ def group_split(g: Graph, rs_in: onnx.NodeProto, rs_out: onnx.NodeProto) -> tupl
     # back to x's shape
     back = g.shape(rs_out.output[0])
     shape_of = g.op(rs_out.input[1], "Shape")
-    if shape_of is not None and shape_of.input[0] == x and not shape_of.attribute:
+    if shape_of is not None and shape_of.input[0] == x and whole_shape(shape_of, len(shape0)):
         return x, channels, groups, len(shape0)
     if back is not None and len(back) == len(shape0) and back[1:] == shape0[1:] and static0 and isinstance(channels, int):
         return x, channels, groups, len(shape0)
+    if _restores(target_dims(g, rs_out.input[1]), x, shape0):
+        return x, channels, groups, len(shape0)
     return None
+
+
+def _restores(dims: list | None, x: str, shape0: list) -> bool:
+    """The target is x's shape element by element: dim i of x (TorchScript's Concat of
+    Unsqueeze(Gather(Shape(x), i))) or x's static dim; one -1 where all the others are."""
+    if dims is None or len(dims) != len(shape0):
+        return False
+    proven = [d == ("dim", x, i) or (isinstance(d, int) and d > 0 and d == shape0[i]) for i, d in enumerate(dims)]
+    return all(proven) or (proven.count(False) == 1 and dims[proven.index(False)] == -1)
+
+
+def target_dims(g: Graph, name: str, depth: int = 4) -> list | None:
+    """The elements of a 1-D shape tensor as far as they are known: an int, ("dim", x, i) for
+    dim i of tensor x (Gather(Shape(x), i), Unsqueezed or not), None for anything else; None
+    if even its length is unknown. Reads the exporters' Concat of such pieces."""
+    value = g.ix.constant(name)
+    if value is not None:
+        return [int(v) for v in value.reshape(-1).tolist()] if value.ndim <= 1 else None
+    node = g.ix.producer.get(name)
+    if node is None or node.domain not in ONNX_DOMAINS or depth <= 0:
+        return None
+    if node.op_type == "Concat" and attr(node, "axis", 0) in (0, -1):
+        parts = [target_dims(g, i, depth - 1) for i in node.input]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]
+    if node.op_type == "Unsqueeze" or (node.op_type == "Cast" and attr(node, "to") == T.INT64):
+        inner = target_dims(g, node.input[0], depth - 1)
+        return inner if inner is not None and len(inner) == 1 else None
+    if node.op_type == "Shape" and whole_shape(node, len(g.shape(node.input[0]) or [])):
+        rank = len(g.shape(node.input[0]) or [])
+        return [("dim", node.input[0], i) for i in range(rank)] if rank else None
+    if node.op_type == "Gather" and attr(node, "axis", 0) == 0:
+        index = g.ix.constant(node.input[1])
+        source = target_dims(g, node.input[0], depth - 1)
+        if index is None or index.size != 1 or source is None:
+            return None
+        i = int(index.reshape(-1)[0])
+        return [source[i]] if -len(source) <= i < len(source) else None
+    t = g.ix.value_type(name)  # computed: only the length, if the shape of the shape is static
+    if t is not None and t.HasField("tensor_type") and t.tensor_type.HasField("shape"):
+        dims = t.tensor_type.shape.dim
+        if len(dims) == 1 and dims[0].HasField("dim_value"):
+            return [None] * dims[0].dim_value
+    return None
+
+
+def reshape_shape(g: Graph, rs: onnx.NodeProto) -> list | None:
+    """The output shape of Reshape `rs` from its target (see `target_dims`): an int element
+    > 0 is that dim, 0 copies the input's dim (allowzero 0), ("dim", x, i) is x's dim i,
+    anything else (-1 included) is unknown; None if the target's length is unknown."""
+    dims = target_dims(g, rs.input[1]) if len(rs.input) > 1 else None
+    if dims is None:
+        return None
+    source = g.shape(rs.input[0]) if 0 in dims else None
+    out = []
+    for i, d in enumerate(dims):
+        if isinstance(d, tuple):
+            known = g.shape(d[1])
+            out.append(known[d[2]] if known is not None and d[2] < len(known) else None)
+        elif isinstance(d, int) and d > 0:
+            out.append(d)
+        elif d == 0 and not attr(rs, "allowzero", 0) and source is not None and i < len(source):
+            out.append(source[i])
+        else:
+            out.append(None)
+    return out
+
+
+def _reshaped_to(g: Graph, rs: onnx.NodeProto) -> list | None:
+    """The Reshape's output shape as inferred, with the dims its constant target fixes filled
+    in: shape inference leaves [N, unk, unk] when the target is computed (dynamo's unoptimized
+    Concat of Constants), yet the target itself folds to [0, G, -1]."""
+    shape = g.shape(rs.output[0])
+    target = g.ix.constant(rs.input[1])
+    if target is None or target.ndim != 1 or (shape is not None and len(shape) != target.size):
+        return shape
+    shape = list(shape) if shape is not None else [None] * target.size
+    return [int(t) if t > 0 and not isinstance(d, int) else d for d, t in zip(shape, target.tolist())]
+
+
+def whole_shape(node: onnx.NodeProto, rank: int) -> bool:
+    """A Shape node that returns every dim of its rank-`rank` input: no start/end, or the
+    explicit start=0 (dynamo writes it; a start <= -rank clamps to 0) and an end past the last axis."""
+    start, end = attr(node, "start", 0), attr(node, "end")
+    return (start == 0 or (rank > 0 and start <= -rank)) and (end is None or (rank > 0 and end >= rank))
 
 
 def _group_target(g: Graph, rs: onnx.NodeProto, x: str, groups: int) -> bool:
@@ -512,7 +601,7 @@ def _group_target(g: Graph, rs: onnx.NodeProto, x: str, groups: int) -> bool:
         return False
     chain = (g.ix.match_parents(concat, [("Unsqueeze", 0), (("Gather", "Slice"), 0), ("Shape", 0)])
              or g.ix.match_parents(concat, [(("Gather", "Slice"), 0), ("Shape", 0)]))
-    if not chain or chain[-1].input[0] != x or chain[-1].attribute:
+    if not chain or chain[-1].input[0] != x or not whole_shape(chain[-1], len(g.shape(x) or [])):
         return False
     gather = chain[-2]
     if gather.op_type == "Gather":

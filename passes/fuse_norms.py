@@ -42,7 +42,12 @@ The pass declines, with a note "skipped <kind> at <scope>: <why>", when
   - the dtype is not float16/float/double, or the norm's input and output dtypes differ, or
     (InstanceNormalization) is double, which onnxruntime has no kernel for;
   - the normalized dims (LayerNorm/RMSNorm scale) or the channels (Instance/GroupNorm) are not
-    static. An affine constant that varies along other axes is not absorbed (it stays a Mul/Add).
+    static;
+  - (the exporters' Reshape -> InstanceNormalization(ones, zeros) -> Reshape GroupNorm) the opset
+    is below 21, or the Reshapes cannot be proven to split C into G groups and restore x.
+An affine constant that varies along other axes is not absorbed (it stays a Mul/Add).
+Symbolic shapes are proven through the Reshape targets (group_split): constant or computed
+[0, G, -1], TorchScript's Concat(Unsqueeze(Gather(Shape(x), i))), Shape(x) with dynamo's start=0.
 The fused node takes the pattern's last output name (graph outputs keep their names) and the
 place of its last node; the others go in one GraphIndex.commit().
 """
@@ -166,7 +171,7 @@ def _plan_moments(g: Graph, rv: onnx.NodeProto, opset: int, group_op: bool = Tru
         grouped = is_group_split(g, x, m.out)
         if grouped and opset >= 21 and group_op:
             group = _group_plan(g, x, m.out, nodes, m.eps, scope, opset)
-            if group is not None:
+            if isinstance(group, Plan):
                 return group
         # rank 3 is a [N, L, D] LayerNorm unless the affine is per channel: an InstanceNorm
         # scale of L would tie the model to one sequence length
@@ -221,19 +226,25 @@ def _instance_plan(g: Graph, what: str, x: str, m: Moments, nodes, shape, scope)
                                  nodes=nodes + affine.nodes, out=affine.out, scope=scope, kind="InstanceNorm"))
 
 
-def _group_plan(g: Graph, reshaped: str, y: str, core: list, eps: float, scope: str, opset: int) -> Plan | None:
+def _group_plan(g: Graph, reshaped: str, y: str, core: list, eps: float, scope: str, opset: int) -> Plan | str:
     """Reshape[N,G,...] -> core -> Reshape back to x's [N,C,*] -> per-channel affine, as
-    GroupNormalization (opset >= 21). None when the Reshapes do not split exactly C into G."""
+    GroupNormalization (opset >= 21). A reason (str) when the Reshapes do not provably split
+    exactly C into G and restore x, or the dtype does not fit."""
     rs_in, rs_out = g.op(reshaped, "Reshape"), g.only_user(y, "Reshape")
-    if rs_in is None or rs_out is None or opset < 21:
-        return None
+    if rs_in is None or rs_out is None:
+        return "not between two Reshapes"
+    if opset < 21:
+        return _opset_note("kept as Reshape -> InstanceNormalization -> Reshape", "GroupNormalization", opset)
     split = group_split(g, rs_in, rs_out)
     if split is None:
-        return None
+        return ("cannot prove the Reshapes split x[N, C, *] into [N, G, -1] with G dividing a static C "
+                "and restore x's shape (static C and G, a [0, G, -1] target or Shape(x) back)")
     x0, channels, groups, rank = split
     dtype = SUPPORTED.get(g.dtype(y))
-    if dtype is None or g.dtype(x0) != g.dtype(y):
-        return None
+    if dtype is None:
+        return f"dtype {_type_name(g.dtype(y))} is not float16/float/double"
+    if g.dtype(x0) != g.dtype(y):
+        return f"output dtype {_type_name(g.dtype(y))} differs from the input's"
 
     def fits(value):
         return value.dtype == dtype and channel_param(value, rank, channels) is not None
@@ -248,17 +259,24 @@ def _group_plan(g: Graph, reshaped: str, y: str, core: list, eps: float, scope: 
     plan = Plan(op="GroupNormalization", x=x0, params=[scale, bias],
                 attrs={"epsilon": eps, "num_groups": int(groups), "stash_type": T.FLOAT},
                 nodes=nodes + affine.nodes, out=affine.out, scope=scope, kind="GroupNorm")
-    return plan if leaks(g, plan.nodes, plan.out) is None else None
+    why = leaks(g, plan.nodes, plan.out)
+    if why:
+        return why
+    plan.replaced = len(plan.nodes)
+    return plan
 
 
 def _plan_group_of_inorm(g: Graph, node: onnx.NodeProto, opset: int) -> Plan | str | None:
-    """The exporters' GroupNorm: Reshape -> InstanceNormalization(ones, zeros) -> Reshape."""
-    if opset < 21 or len(node.input) < 3:
+    """The exporters' GroupNorm: Reshape -> InstanceNormalization(ones, zeros) -> Reshape.
+    None for any other InstanceNormalization; a note naming the node when it is that
+    GroupNorm but stays (opset below 21, a split that cannot be proven, a leak)."""
+    if len(node.input) < 3 or not is_group_split(g, node.input[0], node.output[0]):
         return None
     scale, bias = g.ix.constant(node.input[1]), g.ix.constant(node.input[2])
     if scale is None or bias is None or not np.all(scale == 1) or not np.all(bias == 0):
         return None
-    return _group_plan(g, node.input[0], node.output[0], [node], float(attr(node, "epsilon", 1e-5)), _scope(node), opset)
+    plan = _group_plan(g, node.input[0], node.output[0], [node], float(attr(node, "epsilon", 1e-5)), _scope(node), opset)
+    return plan if isinstance(plan, Plan) else f"GroupNorm at {node.name or _scope(node)}: {plan}"
 
 
 def _finish(g: Graph, what: str, plan: Plan) -> Plan | str:
