@@ -6,7 +6,8 @@ A bounded slice runs with the suite; the long run is
     python tests/fuzz_graphs.py --cases 5000 --seed 10000        # same, with a progress summary
 
 Every failure the fuzzer ever found is replayed below by seed, under a name saying what
-went wrong (none so far: see REGRESSIONS).
+went wrong (see REGRESSIONS). Random draws (noise, Dropout masks) depend on what ran before in
+the process, so a replay is not bit-identical to the run that found the seed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ import fuzz_graphs as F
 SLICE = 150
 
 # seed -> what the fuzzer once caught at that seed (replayed by test_regression)
-REGRESSIONS: dict[int, str] = {}
+REGRESSIONS: dict[int, str] = {
+    10331: "fp16 fold before a training-mode Dropout refused: the float32 reference was never run with random ops",
+    11155: "the same (two fp16 folds, unseeded Dropout, an overridable BN mean)",
+    14133: "the same (fp16, Dropout and RandomNormalLike: the reference is fed both draws)",
+    13264: "fp32 LayerNorm fusion refused by the plain atol on a normalized output: judged against float64 now",
+}
 
 
 def test_bounded_slice():
