@@ -366,6 +366,73 @@ def test_fp16_is_judged_against_its_own_rounding(temp_pass):
         _stage(fp16_model(gamma=3e-5, gain=1000.0), passes=["fp16_fold"], rtol=1e-4, atol=1e-5)
 
 
+def _with_dropout(m):
+    """y -> training-mode Dropout(ratio 0.5, unseeded) -> y: a random op after the fold."""
+    mul = next(n for n in m.graph.node if n.op_type == "Mul")
+    mul.output[0] = "pre_drop"
+    m.graph.node.append(helper.make_node("Dropout", ["pre_drop", "ratio", "training"], ["y"]))
+    m.graph.initializer.extend([numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+                                numpy_helper.from_array(np.array(True), "training")])
+    m.opset_import[0].version = max(m.opset_import[0].version, 13)
+    return m
+
+
+def test_fp16_with_dropout_is_judged_against_its_own_rounding(temp_pass):
+    """Fuzz seeds 10331, 11155, 14133: with a training-mode Dropout in the model, the float32
+    reference was never run (random ops), so a legitimate fp16 fold failed the plain test.
+    The reference now runs cut like the new stage, fed the previous stage's masks."""
+    from test_mutations import fp16_model, naive_fp16_fold
+
+    temp_pass("fp16_fold", naive_fp16_fold)
+    v = _stage(_with_dropout(fp16_model(gamma=0.7, gain=30.0)), passes=["fp16_fold"], rtol=1e-4, atol=1e-5)
+    y = v["outputs"]["y"]
+    assert v["status"] == "passed" and y["own_rounding"] == "checked", v
+    assert y["max_abs_diff"] > 1e-5 + 1e-4 * 100  # the plain test alone refuses it
+    with pytest.raises(nf.ValidationError, match="further from the float32 reference"):
+        _stage(_with_dropout(fp16_model(gamma=3e-5, gain=1000.0)), passes=["fp16_fold"], rtol=1e-4, atol=1e-5)
+
+
+def _layer_norm_model(offset: float, amp: float):
+    """x[2,4,5,5] -> x * amp + offset -> decomposed LayerNorm over W (eps 1e-5) -> affine -> y:
+    rows of mean `offset` and spread `amp`, normalized (ill-conditioned for amp << offset)."""
+    def c(v, n):
+        return numpy_helper.from_array(np.array(v, np.float32), n)
+    nodes = [helper.make_node("Mul", ["x", "amp"], ["xa"]), helper.make_node("Add", ["xa", "off"], ["xo"]),
+             helper.make_node("ReduceMean", ["xo"], ["m"], axes=[-1]), helper.make_node("Sub", ["xo", "m"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["v"], axes=[-1]),
+             helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["std"]),
+             helper.make_node("Div", ["d", "std"], ["n"]), helper.make_node("Mul", ["n", "g"], ["ng"]),
+             helper.make_node("Add", ["ng", "b"], ["y"])]
+    g = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 5, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 5, 5])],
+                          [c(amp, "amp"), c(offset, "off"), c(1e-5, "eps"), c([1.2], "g"), c([0.4], "b")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = IR_VERSION
+    return m
+
+
+def test_fp32_is_judged_against_a_float64_reference(temp_pass):
+    """Fuzz seed 13264: a LayerNorm fusion of rows with spread 1e-3 around 3 differs from
+    the decomposition by ~1e-4 (float32 cancellation, amplified by 1 / std), past fp32's
+    plain atol; both are equally far from the float64 truth, so it passes. The same fusion
+    with epsilon off by 10% is far further: caught, the plain figures quoted first."""
+    v = _stage(_layer_norm_model(3.0, 3e-3), passes=["fuse_norms"])
+    y = v["outputs"]["y"]
+    assert v["status"] == "passed" and y["own_rounding"] == "checked" and y["reference"] == "float64", v
+    assert y["max_abs_diff"] > 5 * 1e-5  # "checked": the plain test alone refused it
+    assert y["new_vs_float32_max"] <= 2 * y["old_vs_float32_max"]
+
+    def eps_off(m, ctx):
+        result = PASSES["fuse_norms"].run(m, ctx)
+        ln = next(n for n in m.graph.node if n.op_type == "LayerNormalization")
+        next(a for a in ln.attribute if a.name == "epsilon").f *= 1.1
+        return result
+
+    temp_pass("eps_off", eps_off)
+    with pytest.raises(nf.ValidationError, match=r"elements outside atol .*; \d+ elements further from the float64"):
+        nf.optimize(_layer_norm_model(3.0, 3e-3), passes=["eps_off"])
+
+
 def test_a_draw_the_input_model_cannot_run_is_dropped_not_refused():
     """floats cast to indices: N(0, 1) draws index a 4-row table, [0, 255] ones do not. The
     model runs on onnxruntime, so the tool accepts it and compares on the draws that run."""

@@ -6,7 +6,10 @@ agree by accident or disagree for no reason: random ops are never compared blind
 * Shared random ops (same definition in both stages) are cut out of the new stage and fed
   what the old stage actually drew. `Dropout` in training mode counts as a random op; only
   its *mask* is carried over and the new stage recomputes `y = mask * x / (1 - ratio)` from
-  its own `x`, so a pass that changes what feeds the Dropout is still seen.
+  its own `x`, so a pass that changes what feeds the Dropout is still seen. The wider-float
+  reference that judges fp16/fp32 rounding (`compare`) is cut the same way, on the widened
+  copy, and fed the same draws and masks: without it every fp16 fold before a training-mode
+  Dropout was held to the plain element-wise test (fuzz seeds 10331, 11155, 14133).
 * A noise input that `replace_random` made is fed noise computed from the *original* op's
   attributes and inputs, read from the previous stage's model (never from the pass's
   `InputBinding`, which could invert the very mistake it made): n = (t - mean) / scale,

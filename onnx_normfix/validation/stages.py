@@ -29,7 +29,8 @@ from .. import model_io
 from ..errors import NormfixError, ValidationError
 from ..model_io import _first_line
 from . import randomness as R
-from .compare import compare_draws, float32_copy, float32_draws, input_scale, needs_reference
+from .compare import (compare_draws, float32_copy, float32_draws, float64_copy, float64_reference, input_scale,
+                      needs_reference)
 from .feeds import (FeedPlan, FeedsUnavailable, Options, check_shape_names, make_draws, real_inputs, second_plan,
                     shape_candidates)
 from .sites import check_sites
@@ -269,8 +270,12 @@ class Stages:
             scales[j] = max(scales[j], _output_rms(old[self.primary]))
         cmp = compare_draws([old[k] for k in keep], [new[k] for k in keep], self.options.rtol, self.options.atol,
                             scales=scales)
-        if needs_reference(cmp) and not before.random and old_model is not None:
-            refs = self._float32_reference(old_model)
+        # Random ops of the previous stage whose draws were captured (shared ones, and those
+        # a noise input replaced) are cut out of the reference too and fed the same draws.
+        controlled = {o: captures.get(o, o) for o in before.random if o in shared or o in extras}
+        kinds = needs_reference(cmp)
+        if kinds and len(controlled) == len(before.random) and old_model is not None:
+            refs = self._reference(old_model, kinds, controlled, captured_all)
             if refs is not None:
                 cmp = compare_draws([old[k] for k in keep], [new[k] for k in keep], self.options.rtol, self.options.atol,
                                     references=[refs[k] for k in keep], scales=scales)
@@ -354,12 +359,34 @@ class Stages:
                                   f"output distribution: {dist['reason']}", stage=p.name, details=dist)
         return {"runs": runs, "outputs": dist["outputs"]}
 
-    def _float32_reference(self, old_model) -> list | None:
-        try:
-            ref = float32_copy(old_model)
-            return run_draws(ref, float32_draws(self.draws)) if ref is not None else None
-        except Exception:  # no reference: the plain element-wise verdict stands
-            return None
+    def _reference(self, old_model, kinds: set, controlled: dict, captured: list) -> list | None:
+        """The previous stage on the same draws in a wider float: float32 on onnxruntime for
+        fp16/bf16 outputs, float64 on onnx's reference evaluator for float32 outputs (when
+        both are needed, float64 serves every output). `controlled` ({random output: captured tensor}, a Dropout's
+        mask for a Dropout) are cut out and fed what the previous stage drew (`captured`,
+        per draw), so the reference sees the same masks and noise; the cut is made on the
+        widened copy, so a Dropout's 1 / (1 - ratio) is computed in the wider type."""
+        draws = [{**d, **{t: c[t] for t in controlled.values()}} for d, c in zip(self.draws, captured)]
+        base = R.with_masks(old_model, set(controlled)) if controlled else old_model
+        refs = [{} for _ in draws]
+        for kind in sorted(kinds):
+            try:
+                ref = (float32_copy if kind == "float32" else float64_copy)(base)
+                if ref is None:
+                    continue
+                if controlled:
+                    drops = R._dropouts(ref, controlled)
+                    ref = R.cut_random(ref, {t: _widen(captured[0][t], kind) for t in controlled.values()},
+                                       masks={o: controlled[o] for o in drops})
+                runs = (run_draws(ref, float32_draws(draws)) if kind == "float32"
+                        else float64_reference(ref, draws))
+            except Exception:  # no reference: the plain element-wise verdict stands
+                continue
+            if runs is None:
+                continue
+            for r, run in zip(refs, runs):  # float64 (run last) is the better reference for any output
+                r.update(run)
+        return refs if any(refs) else None
 
     # ---- batch ----------------------------------------------------------------------------
     def _batch_check(self, p, before: Snapshot, after, draws: list, new: list, data) -> int | None:
@@ -438,6 +465,13 @@ def _output_rms(outputs: dict) -> float:
     values = [v[np.isfinite(v)] for v in values]
     flat = np.concatenate(values) if values else np.zeros(0)
     return float(np.sqrt(np.mean(flat ** 2))) if flat.size else 1.0
+
+
+def _widen(value, kind: str) -> np.ndarray:
+    v = np.asarray(value)
+    if v.dtype.kind == "f" or v.dtype.name == "bfloat16":
+        return v.astype(np.float32 if kind == "float32" else np.float64)
+    return v
 
 
 def _leading_dim(vi: onnx.ValueInfoProto) -> str | None:
