@@ -367,6 +367,14 @@ class GraphIndex:
             types.setdefault(name_, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
         return types
 
+    def static_dim(self, name: str, k: int) -> int | None:
+        """Axis `k` of tensor `name` if its size is known and fixed, else None."""
+        t = self.value_type(name)
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            return None
+        dims = t.tensor_type.shape.dim
+        return dims[k].dim_value if len(dims) > k and dims[k].HasField("dim_value") else None
+
     def rank(self, name: str) -> int | None:
         t = self.value_type(name)
         if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):

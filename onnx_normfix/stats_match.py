@@ -57,7 +57,7 @@ def norm_nodes(ix: GraphIndex) -> list[NormNode]:
     found = []
     for k, node in enumerate(n for n in ix.graph.node if n.op_type == "InstanceNormalization" and n.domain in ("", "ai.onnx")):
         scale, bias = ix.constant(node.input[1]), ix.constant(node.input[2])
-        channels = int(scale.size) if scale is not None else _dim(ix, node.input[0], 1)
+        channels = int(scale.size) if scale is not None else ix.static_dim(node.input[0], 1)
         found.append(NormNode(node, node.name or f"InstanceNormalization #{k}", channels,
                               None if scale is None else scale.reshape(-1), None if bias is None else bias.reshape(-1)))
     return found
@@ -150,12 +150,6 @@ def match_modules(ix: GraphIndex, nodes: list[NormNode], modules: list, explicit
     return matched, reasons, groups
 
 
-def _dim(ix: GraphIndex, name: str, k: int) -> int | None:
-    t = ix.value_type(name)
-    if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
-        return None
-    dims = t.tensor_type.shape.dim
-    return dims[k].dim_value if len(dims) > k and dims[k].HasField("dim_value") else None
 
 
 def _source_name(ix: GraphIndex, name: str) -> str:
@@ -242,4 +236,3 @@ def _claimed_by_batchnorms(ix: GraphIndex, modules) -> set[int]:
                 claimed |= {id(m) for m in modules if m.running_mean.shape == mean.shape
                             and np.allclose(m.running_mean, mean, rtol=1e-3, atol=1e-6)}
     return claimed
-

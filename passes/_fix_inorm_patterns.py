@@ -45,7 +45,7 @@ def find_tiled_norm(ix: GraphIndex, bn: onnx.NodeProto) -> TiledNorm | Declined 
         return None  # not a reshape into [1, N*C, *spatial]: some other Reshape -> BN
     if attr(bn, "training_mode", 0) or attr(bn, "spatial", 1) != 1 or any(o for o in bn.output[1:]):
         return Declined("BatchNormalization is in training mode")
-    xdims = [_dim(ix, x, k) for k in range(rank)]
+    xdims = [ix.static_dim(x, k) for k in range(rank)]
     # spatial axes must pass through unchanged, so that only N and C are merged
     for k in range(2, rank):
         if target[k] not in (("x", k), -1) and not (target[k] == 0 and not attr(head, "allowzero", 0)) \
@@ -156,11 +156,3 @@ def _restores(ix, tail, x, xdims, channels, batch) -> Declined | None:
     if sum(1 for e in entries if e == -1) > 1:
         return Declined("the Reshape after it leaves more than one axis to infer")
     return None
-
-
-def _dim(ix: GraphIndex, name: str, k: int) -> int | None:
-    t = ix.value_type(name)
-    if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
-        return None
-    dims = t.tensor_type.shape.dim
-    return dims[k].dim_value if len(dims) > k and dims[k].HasField("dim_value") else None
