@@ -669,7 +669,8 @@ def _save_external(model: onnx.ModelProto, out: Path, folder: Path, threshold: i
     target = (folder / location).resolve()
     old = external_files(out) if out.is_file() else set()
     conflict = target in old
-    replaced = [str(p) for p, there in ((out, out.is_file()), (target, target.exists())) if there]
+    # named as the caller named OUT (the data file beside it), not one relative and one absolute
+    replaced = [str(p) for p, there in ((out, out.is_file()), (folder / location, target.exists())) if there]
     data_mode = file_mode(target)
     onnx_mode = file_mode(out)
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{out.name}."))
