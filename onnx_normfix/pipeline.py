@@ -51,13 +51,18 @@ class Result:
     # The input kept (some of) its tensors in external data: so does the output, even once
     # every external tensor has been rewritten (no serialization of the whole model).
     external_data: bool = False
+    # the input's path (None for a ModelProto): its data files are never deleted by `save`
+    source: str | None = None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model atomically; with external data beside it if the input had some or
         it is over 2 GB. Until saved, `model`'s unchanged external tensors point at the
         input's data files by absolute path (onnx's own reader refuses those: read them with
         `onnx_normfix.graph.array_of`, or save first); after saving, at the new data file."""
-        model_io.save_model(self.model, path, external=self.external_data or None)
+        protect = set()
+        if self.source is not None and self.external_data and Path(self.source).resolve() != Path(path).resolve():
+            protect = model_io.external_files(self.source)  # as the CLI does: the input keeps its data
+        model_io.save_model(self.model, path, external=self.external_data or None, protect=protect)
         self.report["output"] = str(path)
 
 
@@ -190,7 +195,8 @@ def _optimize(model, passes, validate: bool, partial: dict, **options: Any) -> R
         report["reference"] = _check_reference(work, opts, inputs)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     current = stage.prev.data if stage is not None and stage.current else None
-    return Result(model=work, report=report, serialized=current, external_data=external)
+    return Result(model=work, report=report, serialized=current, external_data=external,
+                  source=None if isinstance(model, onnx.ModelProto) else str(model))
 
 
 def _repair_input(model: onnx.ModelProto) -> list[str]:

@@ -362,3 +362,18 @@ def test_small_external_data_is_validated_like_one_file(tmp_path, monkeypatch):
     assert cli.main([str(src), str(out), "--passes", "replace_random", "-q"]) == 0
     assert (tmp_path / "o.onnx.data").is_file() and (tmp_path / "m.onnx.data").is_file()
     assert [i.name for i in onnx.load(out).graph.input][:1] == ["x"]
+
+
+def test_library_save_never_deletes_a_data_file_the_input_reads(tmp_path):
+    """Result.save protects the input's data files like the CLI does: an old OUT and the input
+    both read `out.onnx.alt.data` (say, the input is a copy of an older output); saving the new
+    OUT must not delete it."""
+    model = conv_bn_model(channels=16, seed=5)  # weights over the 1 kB external-data threshold
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src, save_as_external_data=True, location="out.onnx.alt.data", size_threshold=0)
+    onnx.save(onnx.load(src), out, save_as_external_data=True, location="out.onnx.alt.data", size_threshold=0)
+    result = onnx_normfix.optimize(src, passes=["fold_bn"])
+    result.save(out)
+    assert (tmp_path / "out.onnx.alt.data").is_file()  # the input still reads it
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert_close(ort_run(onnx.load(src), {"x": x}), ort_run(onnx.load(out), {"x": x}))
