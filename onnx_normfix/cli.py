@@ -407,8 +407,7 @@ def _write_outputs(args, run: _Run, out: Path) -> None:
         np.savez(buffer, **noise_feeds(result.model, seed=args.seed, shapes=run.opts.get("input_shapes")))
         noise_bytes = buffer.getvalue()
     existed = out.exists()
-    same = Path(args.input).resolve() == out.resolve()
-    protect = external_files(args.input) if result.external_data and not same else set()
+    protect = result.input_data_files(out)
     external = args.external_data if args.external_data is not None else (result.external_data or None)
     # nothing touched result.model since validation serialized it: write those bytes
     serialized = result.serialized if args.external_data is not True else None

@@ -59,11 +59,16 @@ class Result:
         it is over 2 GB. Until saved, `model`'s unchanged external tensors point at the
         input's data files by absolute path (onnx's own reader refuses those: read them with
         `onnx_normfix.graph.array_of`, or save first); after saving, at the new data file."""
-        protect = set()
-        if self.source is not None and self.external_data and Path(self.source).resolve() != Path(path).resolve():
-            protect = model_io.external_files(self.source)  # as the CLI does: the input keeps its data
-        model_io.save_model(self.model, path, external=self.external_data or None, protect=protect)
+        model_io.save_model(self.model, path, external=self.external_data or None,
+                            protect=self.input_data_files(path))
         self.report["output"] = str(path)
+
+    def input_data_files(self, path: str | os.PathLike) -> set:
+        """The input's external data files, which a save to `path` must never delete (none when
+        saving over the input itself, or for a ModelProto input)."""
+        if self.source is None or not self.external_data or Path(self.source).resolve() == Path(path).resolve():
+            return set()
+        return model_io.external_files(self.source)
 
 
 def optimize(model: str | os.PathLike | onnx.ModelProto, passes=("fold_bn",), validate: bool = True,
@@ -138,18 +143,17 @@ def _optimize(model, passes, validate: bool, partial: dict, **options: Any) -> R
             report["notes"] = notes
 
         inputs = _load_arrays(opts["inputs"], "--inputs")
+        finding = getattr(full_check, "tolerated", None)  # the input's own checker finding, if any
         try:
             stage = V.Stages(work, V.Options(seed=opts["seed"], rtol=opts["rtol"], atol=opts["atol"],
                                              shapes=opts["input_shapes"], inputs=inputs),
                              V.Snapshot(work, data), opts["full_validation"], staged and staged.path,
                              on_disk, WHOLE_MODEL_NODES) if validate else None
         except NormfixError as exc:
-            finding = getattr(full_check, "tolerated", None)
             if finding is None or isinstance(exc, ValidationError):
                 raise
             # the checker's finding was only a note because onnxruntime might run the model
             raise NormfixError(f"invalid ONNX model: {finding} (and {exc})") from None
-        finding = getattr(full_check, "tolerated", None)
         if stage is not None and finding is not None and stage.outputs is None and stage.draws:
             try:  # the input was not run yet: a model with a checker finding must run to be accepted
                 V.run_draws(work, stage.draws[:1], serialized=data, path=staged and staged.path)
