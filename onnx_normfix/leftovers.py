@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import onnx
 
+from .graph import opset_of
+
 FOLD_TARGETS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MAX_NODES_LISTED = 20
 
@@ -39,7 +41,7 @@ def find_leftovers(model: onnx.ModelProto, passes_run, notes_by_pass: dict[str, 
         if len(g["nodes"]) < MAX_NODES_LISTED:
             g["nodes"].append(node.name or op)
 
-    opset = _opset(model)
+    opset = opset_of(model)
     fuser = "fuse_norms" if "fuse_norms" in available else None
     index = None
     for node in model.graph.node:
@@ -77,10 +79,6 @@ def find_leftovers(model: onnx.ModelProto, passes_run, notes_by_pass: dict[str, 
 # the op each decomposed kind fuses into needs this default-domain opset (see passes/fuse_norms.py)
 NEEDS_OPSET = {"LayerNorm": 17, "RMSNorm": 23, "GroupNorm": 21}
 OPS = {"LayerNorm": "LayerNormalization", "RMSNorm": "RMSNormalization", "GroupNorm": "GroupNormalization"}
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _opset_reason(kind: str, need: int, opset: int) -> str:
